@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny synthetic checkpoint, and throwaway copies of the repo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tierquant.config import SyntheticConfig
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def tiny_spec(**changes) -> SyntheticConfig:
+    """The `tiny` model of conf/model/tiny.yaml, with changes."""
+    from tierquant.config import compose
+
+    synthetic = compose()["model"]["synthetic"]
+    synthetic.update(changes)
+    return SyntheticConfig(**synthetic)
+
+
+@pytest.fixture(scope="session")
+def tiny_original(tmp_path_factory) -> Path:
+    """data/original of the default tiny model (read-only: copy before changing)."""
+    from tierquant.synthetic import write_synthetic_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny") / "original"
+    out.mkdir()
+    write_synthetic_checkpoint(out, tiny_spec())
+    return out
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True):
+    """Run a command with the venv's tools first on PATH; return the CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env["PATH"] = str(Path(PYTHON).parent) + os.pathsep + full_env.get("PATH", "")
+    full_env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    full_env.setdefault("DVC_NO_ANALYTICS", "1")
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n"
+            f"--- stderr\n{proc.stderr}"
+        )
+    return proc
+
+
+def run_stage(
+    stage: str, *overrides: str, cwd: Path = REPO, env: dict | None = None, check: bool = False
+):
+    return run([PYTHON, f"stages/{stage}.py", *overrides], cwd=cwd, env=env, check=check)
+
+
+def copy_repo(dest: Path) -> Path:
+    """A fresh git repo holding the project's tracked and untracked (non-ignored) files."""
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if not src.is_file() or rel.startswith("data/") and not rel.endswith(".gitignore"):
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    run(["git", "init", "-q"], dest)
+    run([*git, "add", "-A"], dest)
+    run([*git, "commit", "-qm", "copy"], dest)
+    return dest
+
+
+@pytest.fixture
+def repo_copy(tmp_path) -> Path:
+    return copy_repo(tmp_path / "repo")

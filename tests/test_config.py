@@ -1,0 +1,71 @@
+"""params.yaml is the composition of conf/, and bad config fails naming the key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run_stage
+from tierquant.config import compose, validate
+from tierquant.errors import TierquantError
+
+
+def test_params_yaml_equals_composition_of_conf():
+    committed = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert committed == compose(), "params.yaml drifted: run `python -m tierquant.config --write`"
+
+
+@pytest.mark.parametrize("model", ["tiny", "wide", "gpt-oss-20b", "gpt-oss-120b"])
+def test_every_model_config_validates(model):
+    config = validate(compose([f"model={model}"]))
+    assert config.model.name == model
+    if config.model.source == "hub":
+        assert config.model.repo_id == f"openai/{model}"
+        assert "model-*.safetensors" in config.model.allow_patterns
+
+
+def test_unknown_key_is_named():
+    params = compose()
+    params["model"]["synthetic"]["num_layers"] = 3
+    with pytest.raises(TierquantError, match="num_layers"):
+        validate(params)
+
+
+def test_wrong_type_is_named():
+    params = compose()
+    params["model"]["synthetic"]["hidden_size"] = "wide"
+    with pytest.raises(TierquantError, match="hidden_size"):
+        validate(params)
+
+
+def test_hub_model_needs_revision():
+    params = compose(["model=gpt-oss-20b"])
+    params["model"]["revision"] = None
+    with pytest.raises(TierquantError, match="model.revision"):
+        validate(params)
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("model.synthetic.hidden_size=abc", "hidden_size"),
+        ("+model.synthetic.layers=3", "layers"),
+        ("model.synthetc.seed=1", "synthetc"),
+    ],
+)
+def test_stage_command_line_rejects_bad_overrides(tmp_path, override, named):
+    out = tmp_path / "original"
+    proc = run_stage("download", override, f"paths.original={out}")
+    assert proc.returncode != 0
+    assert named in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_stage_leaves_no_hydra_outputs(tmp_path):
+    out = tmp_path / "original"
+    before = {p.name for p in REPO.iterdir()}
+    proc = run_stage("download", f"paths.original={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in REPO.iterdir()} == before  # no outputs/, no *.log
+    assert (out / "config.json").is_file()

@@ -1,0 +1,162 @@
+"""The gpt-oss architecture as files: config keys, HF tensor names and shapes.
+
+One place for what GPT-OSS.md says about the checkpoint layout, used to
+synthesize checkpoints, to verify downloads and to map names for conversion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import Checkpoint, TensorSpec
+from .errors import TierquantError
+
+MXFP4_BLOCK = 32  # values per MXFP4 block (16 bytes + one E8M0 scale)
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+@dataclass(frozen=True)
+class GptOssShape:
+    """The sizes that determine every tensor of a gpt-oss checkpoint."""
+
+    num_hidden_layers: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    hidden_size: int
+    intermediate_size: int
+    head_dim: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    sliding_window: int
+    layer_types: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, config: dict, source: str = "config.json") -> GptOssShape:
+        """Read the shape from a config.json dict; a missing or bad key names itself."""
+        values = {}
+        for key in (
+            "num_hidden_layers",
+            "num_local_experts",
+            "num_experts_per_tok",
+            "hidden_size",
+            "intermediate_size",
+            "head_dim",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+            "sliding_window",
+        ):
+            value = config.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise TierquantError(f"{source}: key {key!r} must be a positive int, got {value!r}")
+            values[key] = value
+        layer_types = config.get("layer_types")
+        if layer_types is None:
+            layer_types = [LAYER_TYPES[i % 2] for i in range(values["num_hidden_layers"])]
+        if len(layer_types) != values["num_hidden_layers"] or any(
+            t not in LAYER_TYPES for t in layer_types
+        ):
+            raise TierquantError(
+                f"{source}: 'layer_types' must list {values['num_hidden_layers']} entries "
+                f"(num_hidden_layers), each one of {LAYER_TYPES}"
+            )
+        if values["hidden_size"] % MXFP4_BLOCK or values["intermediate_size"] % MXFP4_BLOCK:
+            raise TierquantError(
+                f"{source}: hidden_size and intermediate_size must be multiples of {MXFP4_BLOCK}"
+            )
+        return cls(layer_types=tuple(layer_types), **values)
+
+    @property
+    def q_out(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_out(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+def hf_layer_specs(shape: GptOssShape, layer: int) -> list[TensorSpec]:
+    """The 19 tensors of one layer in the HF (original, MXFP4) layout."""
+    p = f"model.layers.{layer}"
+    h, e = shape.hidden_size, shape.num_local_experts
+    i2 = 2 * shape.intermediate_size
+    return [
+        TensorSpec(f"{p}.input_layernorm.weight", "BF16", (h,)),
+        TensorSpec(f"{p}.post_attention_layernorm.weight", "BF16", (h,)),
+        TensorSpec(f"{p}.self_attn.q_proj.weight", "BF16", (shape.q_out, h)),
+        TensorSpec(f"{p}.self_attn.q_proj.bias", "BF16", (shape.q_out,)),
+        TensorSpec(f"{p}.self_attn.k_proj.weight", "BF16", (shape.kv_out, h)),
+        TensorSpec(f"{p}.self_attn.k_proj.bias", "BF16", (shape.kv_out,)),
+        TensorSpec(f"{p}.self_attn.v_proj.weight", "BF16", (shape.kv_out, h)),
+        TensorSpec(f"{p}.self_attn.v_proj.bias", "BF16", (shape.kv_out,)),
+        TensorSpec(f"{p}.self_attn.o_proj.weight", "BF16", (h, shape.q_out)),
+        TensorSpec(f"{p}.self_attn.o_proj.bias", "BF16", (h,)),
+        TensorSpec(f"{p}.self_attn.sinks", "BF16", (shape.num_attention_heads,)),
+        TensorSpec(f"{p}.mlp.router.weight", "BF16", (e, h)),
+        TensorSpec(f"{p}.mlp.router.bias", "BF16", (e,)),
+        TensorSpec(
+            f"{p}.mlp.experts.gate_up_proj_blocks",
+            "U8",
+            (e, i2, h // MXFP4_BLOCK, MXFP4_BLOCK // 2),
+        ),
+        TensorSpec(f"{p}.mlp.experts.gate_up_proj_scales", "U8", (e, i2, h // MXFP4_BLOCK)),
+        TensorSpec(f"{p}.mlp.experts.gate_up_proj_bias", "BF16", (e, i2)),
+        TensorSpec(
+            f"{p}.mlp.experts.down_proj_blocks",
+            "U8",
+            (e, h, shape.intermediate_size // MXFP4_BLOCK, MXFP4_BLOCK // 2),
+        ),
+        TensorSpec(
+            f"{p}.mlp.experts.down_proj_scales",
+            "U8",
+            (e, h, shape.intermediate_size // MXFP4_BLOCK),
+        ),
+        TensorSpec(f"{p}.mlp.experts.down_proj_bias", "BF16", (e, h)),
+    ]
+
+
+def hf_tensor_specs(shape: GptOssShape) -> list[TensorSpec]:
+    """Every tensor of the original checkpoint, in checkpoint order."""
+    specs = [TensorSpec("model.embed_tokens.weight", "BF16", (shape.vocab_size, shape.hidden_size))]
+    for layer in range(shape.num_hidden_layers):
+        specs += hf_layer_specs(shape, layer)
+    specs += [
+        TensorSpec("model.norm.weight", "BF16", (shape.hidden_size,)),
+        TensorSpec("lm_head.weight", "BF16", (shape.vocab_size, shape.hidden_size)),
+    ]
+    return specs
+
+
+def verify_original(root: Path) -> Checkpoint:
+    """Check a downloaded/synthesized original checkpoint against its config.json.
+
+    Every shard named by the index exists, every header parses, and every tensor the
+    config implies is present with the right shape and dtype (and nothing else).
+    """
+    root = Path(root)
+    ckpt = Checkpoint(root)
+    config_path = root / "config.json"
+    shape = GptOssShape.from_config(ckpt.config, str(config_path))
+    expected = {s.name: s for s in hf_tensor_specs(shape)}
+    for name, spec in expected.items():
+        if name not in ckpt.tensors:
+            raise TierquantError(
+                f"{root}: tensor {name!r} ({spec.dtype}{list(spec.shape)}), implied by "
+                f"{config_path.name}, is missing"
+            )
+        got = ckpt.tensors[name]
+        if (got.dtype, got.shape) != (spec.dtype, spec.shape):
+            raise TierquantError(
+                f"{got.path}: tensor {name!r} is {got.dtype}{list(got.shape)} but "
+                f"{config_path.name} implies {spec.dtype}{list(spec.shape)}"
+            )
+    extra = sorted(set(ckpt.tensors) - set(expected))
+    if extra:
+        raise TierquantError(
+            f"{ckpt.tensors[extra[0]].path}: tensor {extra[0]!r} is not part of a gpt-oss "
+            f"checkpoint with num_hidden_layers={shape.num_hidden_layers} "
+            f"({len(extra)} unexpected tensor(s)); does {config_path.name} match the weights?"
+        )
+    return ckpt
