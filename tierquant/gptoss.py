@@ -160,3 +160,111 @@ def verify_original(root: Path) -> Checkpoint:
             f"({len(extra)} unexpected tensor(s)); does {config_path.name} match the weights?"
         )
     return ckpt
+
+
+# --- mlx-lm side: the names mlx-lm's gpt_oss model uses after its sanitize ---------------
+
+# What each tensor of the float checkpoint is, for recipes to select by.
+MATRIX_KINDS = (
+    "embed_tokens",
+    "lm_head",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "router",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+VECTOR_KINDS = ("norm", "bias", "sinks")
+KINDS = MATRIX_KINDS + VECTOR_KINDS
+EXPERT_KINDS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One tensor of the bf16 float checkpoint (mlx-lm names), as recipes see it.
+
+    `module` is the mlx-lm module path that config.json's per-module `quantization`
+    map is keyed by (the tensor name without `.weight`/`.bias`).
+    """
+
+    name: str
+    kind: str
+    layer: int | None
+    layer_type: str | None
+    shape: tuple[int, ...]
+
+    @property
+    def module(self) -> str:
+        return self.name.rsplit(".", 1)[0]
+
+    @property
+    def is_matrix(self) -> bool:
+        return self.kind in MATRIX_KINDS
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def mlx_layer_weights(shape: GptOssShape, layer: int) -> list[Weight]:
+    """The bf16 tensors of one layer in mlx-lm names (experts as [E, out, in])."""
+    p = f"model.layers.{layer}"
+    h, e, i = shape.hidden_size, shape.num_local_experts, shape.intermediate_size
+    lt = shape.layer_types[layer]
+
+    def w(name: str, kind: str, dims: tuple[int, ...]) -> Weight:
+        return Weight(f"{p}.{name}", kind, layer, lt, dims)
+
+    return [
+        w("input_layernorm.weight", "norm", (h,)),
+        w("post_attention_layernorm.weight", "norm", (h,)),
+        w("self_attn.q_proj.weight", "q_proj", (shape.q_out, h)),
+        w("self_attn.q_proj.bias", "bias", (shape.q_out,)),
+        w("self_attn.k_proj.weight", "k_proj", (shape.kv_out, h)),
+        w("self_attn.k_proj.bias", "bias", (shape.kv_out,)),
+        w("self_attn.v_proj.weight", "v_proj", (shape.kv_out, h)),
+        w("self_attn.v_proj.bias", "bias", (shape.kv_out,)),
+        w("self_attn.o_proj.weight", "o_proj", (h, shape.q_out)),
+        w("self_attn.o_proj.bias", "bias", (h,)),
+        w("self_attn.sinks", "sinks", (shape.num_attention_heads,)),
+        w("mlp.router.weight", "router", (e, h)),
+        w("mlp.router.bias", "bias", (e,)),
+        w("mlp.experts.gate_proj.weight", "gate_proj", (e, i, h)),
+        w("mlp.experts.gate_proj.bias", "bias", (e, i)),
+        w("mlp.experts.up_proj.weight", "up_proj", (e, i, h)),
+        w("mlp.experts.up_proj.bias", "bias", (e, i)),
+        w("mlp.experts.down_proj.weight", "down_proj", (e, h, i)),
+        w("mlp.experts.down_proj.bias", "bias", (e, h)),
+    ]
+
+
+def mlx_weights(shape: GptOssShape) -> list[Weight]:
+    """Every tensor of the bf16 float checkpoint, in checkpoint order."""
+    v, h = shape.vocab_size, shape.hidden_size
+    weights = [Weight("model.embed_tokens.weight", "embed_tokens", None, None, (v, h))]
+    for layer in range(shape.num_hidden_layers):
+        weights += mlx_layer_weights(shape, layer)
+    weights += [
+        Weight("model.norm.weight", "norm", None, None, (h,)),
+        Weight("lm_head.weight", "lm_head", None, None, (v, h)),
+    ]
+    return weights
+
+
+def mlx_float_specs(shape: GptOssShape) -> list[TensorSpec]:
+    """The float checkpoint's tensors: every weight above as BF16."""
+    return [TensorSpec(w.name, "BF16", w.shape) for w in mlx_weights(shape)]
+
+
+def shape_of_checkpoint(root: Path) -> GptOssShape:
+    """The GptOssShape of a checkpoint directory, from its config.json."""
+    from .checkpoint import read_json
+
+    path = Path(root) / "config.json"
+    return GptOssShape.from_config(read_json(path), str(path))
