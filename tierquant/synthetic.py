@@ -35,8 +35,9 @@ from .tokenizer import build_tokenizer_files, load_corpus, special_token_ids
 
 log = logging.getLogger(__name__)
 
-BLOCK_GAIN = 0.15  # each attention / MoE block's output RMS relative to the residual's
+BLOCK_GAIN = 0.1  # each attention / MoE block's output RMS relative to the residual's
 TARGET_ENTROPY = 1.0  # nats: mean next-token entropy of the embedding→lm_head path
+ROUTER_LOGIT_RMS = 2.0  # spread of router logits: larger means more decisive routing
 FP4_CODE_STD = 2.0  # spread of the FP4 codes drawn for expert weights, in FP4 units
 
 
@@ -190,8 +191,8 @@ class _Weights:
             x = rng.standard_normal(shape)
         elif leaf == "bias" or name.endswith("_bias"):
             x = 0.02 * rng.standard_normal(shape)
-        elif "router" in name:  # logits of RMS ~2: routing is decisive, not uniform
-            x = rng.standard_normal(shape) * (2.0 / np.sqrt(s.hidden_size))
+        elif "router" in name:  # decisive routing: few near-ties between experts
+            x = rng.standard_normal(shape) * (ROUTER_LOGIT_RMS / np.sqrt(s.hidden_size))
         elif "o_proj" in name:  # attention output of RMS ~BLOCK_GAIN
             x = rng.standard_normal(shape) * (BLOCK_GAIN * 2 / np.sqrt(shape[1]))
         else:  # q, k, v: unit-variance projections of the normed input

@@ -1,0 +1,127 @@
+"""convert stage: the original MXFP4 checkpoint → a bf16 checkpoint in mlx-lm names.
+
+Experts are dequantized exactly (tierquant.mxfp4), one expert at a time: gate_up's
+interleaved rows are split into `gate_proj` / `up_proj` (row 2i is gate, 2i+1 up, the
+same for the bias) and `down_proj` is renamed, all kept as [experts, out, in]. Every
+other tensor is copied bit for bit, in bounded row chunks. Shards are written as they
+fill, so peak memory is a few expert slices, whatever the depth of the model. The
+result loads with `mlx_lm.load` as is (its sanitize is skipped because
+`gate_proj.weight` exists) and is what the quantize stage reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint, ShardedWriter, atomic_output, read_json, write_json
+from .config import Config
+from .gptoss import GptOssShape, mlx_float_specs, verify_original
+from .mxfp4 import dequantize_to_bf16_bits
+
+log = logging.getLogger(__name__)
+
+# Files that travel with the weights unchanged (config.json is rewritten).
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+COPY_CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ConvertStats:
+    tensors: int
+    bytes_written: int
+    shards: int
+
+
+def convert(config: Config) -> ConvertStats:
+    """The convert stage: `paths.original` → `paths.float`."""
+    return convert_checkpoint(
+        Path(config.paths.original),
+        Path(config.paths.float),
+        max_shard_bytes=config.model.max_shard_bytes,
+    )
+
+
+def convert_checkpoint(src: Path, dest: Path, *, max_shard_bytes: int) -> ConvertStats:
+    """Write the bf16, mlx-lm-named checkpoint of `src` to `dest`, atomically."""
+    src, dest = Path(src), Path(dest)
+    original = verify_original(src)
+    config = read_json(src / "config.json")
+    shape = GptOssShape.from_config(config, str(src / "config.json"))
+    specs = mlx_float_specs(shape)
+    total = sum(s.nbytes for s in specs)
+    log.info("converting %s → %s: %d tensors, %.2f GB of bf16", src, dest, len(specs), total / 1e9)
+    with (
+        original,
+        atomic_output(dest) as tmp,
+        ShardedWriter(
+            tmp, specs, max_shard_bytes=max_shard_bytes, metadata={"format": "mlx"}
+        ) as writer,
+        tqdm(total=total, unit="B", unit_scale=True, desc="convert", leave=False) as bar,
+    ):
+        for layer in range(shape.num_hidden_layers):
+            _convert_experts(original, writer, shape, layer, bar)
+        for spec in specs:
+            if spec.name in original:  # same name, same bytes
+                _copy_tensor(original, writer, spec.name, bar)
+        float_config = {k: v for k, v in config.items() if k != "quantization_config"}
+        write_json(tmp / "config.json", float_config)
+        for name in SIDE_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        shards = len(writer.shard_names)
+    log.info("wrote %s: %d tensors in %d shard(s), %.2f GB", dest, len(specs), shards, total / 1e9)
+    return ConvertStats(tensors=len(specs), bytes_written=total, shards=shards)
+
+
+def _copy_tensor(src: Checkpoint, writer: ShardedWriter, name: str, bar: tqdm) -> None:
+    info = src.info(name)
+    rows = info.shape[0] if info.shape else 1
+    step = max(1, COPY_CHUNK_BYTES // max(1, info.row_bytes))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        chunk = src.read_rows(name, start, stop) if info.shape else src.read(name)
+        writer.write(name, chunk)
+        bar.update(chunk.nbytes)
+
+
+def _convert_experts(
+    src: Checkpoint, writer: ShardedWriter, shape: GptOssShape, layer: int, bar: tqdm
+) -> None:
+    """Dequantize one layer's experts, one expert at a time, into gate/up/down tensors."""
+    hf = f"model.layers.{layer}.mlp.experts"
+    out = f"model.layers.{layer}.mlp.experts"
+    inter, hidden = shape.intermediate_size, shape.hidden_size
+    gate = np.empty((inter, hidden), np.uint16)
+    up = np.empty((inter, hidden), np.uint16)
+    down = np.empty((hidden, inter), np.uint16)
+    gate_up_scales = f"{hf}.gate_up_proj_scales"
+    down_scales = f"{hf}.down_proj_scales"
+    for e in range(shape.num_local_experts):
+        blocks = src.read_rows(f"{hf}.gate_up_proj_blocks", e, e + 1)[0]
+        scales = src.read_rows(gate_up_scales, e, e + 1)[0]
+        dequantize_to_bf16_bits(blocks[0::2], scales[0::2], out=gate, name=gate_up_scales)
+        dequantize_to_bf16_bits(blocks[1::2], scales[1::2], out=up, name=gate_up_scales)
+        writer.write(f"{out}.gate_proj.weight", gate)
+        writer.write(f"{out}.up_proj.weight", up)
+        blocks = src.read_rows(f"{hf}.down_proj_blocks", e, e + 1)[0]
+        scales = src.read_rows(down_scales, e, e + 1)[0]
+        dequantize_to_bf16_bits(blocks, scales, out=down, name=down_scales)
+        writer.write(f"{out}.down_proj.weight", down)
+        bar.update(gate.nbytes + up.nbytes + down.nbytes)
+    bias = src.read(f"{hf}.gate_up_proj_bias")
+    writer.write(f"{out}.gate_proj.bias", bias[:, 0::2])
+    writer.write(f"{out}.up_proj.bias", bias[:, 1::2])
+    writer.write(f"{out}.down_proj.bias", src.read(f"{hf}.down_proj_bias"))
+    bar.update(bias.nbytes + shape.num_local_experts * hidden * 2)
