@@ -36,6 +36,49 @@ def tiny_original(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_float(tiny_original, tmp_path_factory) -> Path:
+    """data/float of the tiny model (read-only)."""
+    from tierquant.convert import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("float") / "float"
+    convert_checkpoint(tiny_original, out, max_shard_bytes=2_000_000)
+    return out
+
+
+def build_model(root: Path, original: Path, float_dir: Path, overrides: list[str] = ()):
+    """plan → quantize every tier → assemble, in-process, under `root`; returns
+    (config, model dir, size metrics)."""
+    from tierquant.assemble import assemble_model
+    from tierquant.config import compose, validate
+    from tierquant.plan import plan, read_plan
+    from tierquant.quantize import quantize_tier
+
+    config = validate(compose(list(overrides)))
+    tiers = config.precisions()
+    plan(original=original, recipe=config.recipe, out=root / "plan")
+    for tier, precision in tiers.items():
+        quantize_tier(
+            tier=tier,
+            tensor_names=[t["name"] for t in read_plan(root / "plan", tier)["tensors"]],
+            precision=precision,
+            float_dir=float_dir,
+            original_dir=original,
+            out_dir=root / "quantized" / tier,
+            max_shard_bytes=config.model.max_shard_bytes,
+        )
+    metrics = assemble_model(
+        tiers=tiers,
+        quantized_dir=root / "quantized",
+        float_dir=float_dir,
+        original_dir=original,
+        out_dir=root / "model",
+        size_metrics=root / "size.json",
+        error_plot=root / "quant_error.csv",
+    )
+    return config, root / "model", metrics
+
+
 def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True):
     """Run a command with the venv's tools first on PATH; return the CompletedProcess."""
     full_env = dict(os.environ)

@@ -7,8 +7,9 @@ in tree entries), so the client takes its regular HTTP download path.
 
 State model (meant to grow into create_repo / preupload / commit / tags / PRs later):
 
-- `hub.repos[repo_id]` is a `Repo`: `commits` (sha -> `Commit`), `branches` and `tags`
-  (name -> commit sha).
+- `hub.repos[repo_id]` (models) and `hub.datasets[repo_id]` (datasets: pass
+  `repo_type="dataset"` to `create_repo` / `add_commit`) hold `Repo`s: `commits`
+  (sha -> `Commit`), `branches` and `tags` (name -> commit sha).
 - A `Commit` is a full snapshot: `files` maps repo path -> bytes; `lfs` names the paths stored
   as LFS objects (served with an LFS pointer oid, `X-Linked-Etag` = sha256, `X-Linked-Size`).
 - Commit shas are deterministic (sha1 of tree, parent and message; no timestamps).
@@ -19,8 +20,10 @@ Endpoints (see `_ROUTES`):
   `HfApi.model_info` / `repo_info` (snapshot_download resolves a branch or tag with it).
 - `GET /api/models/{repo_id}/tree/{revision}[/{path}]?recursive=...`: `HfApi.list_repo_tree`
   (snapshot_download lists the files of the resolved commit with it).
-- `HEAD` / `GET /{repo_id}/resolve/{revision}/{path}`: `get_hf_file_metadata` and `http_get`
-  inside `hf_hub_download`. Single `Range: bytes=a-b` requests get a 206.
+- The same under `/api/datasets/...` for dataset repos.
+- `HEAD` / `GET /{repo_id}/resolve/{revision}/{path}` (`/datasets/{repo_id}/...` for
+  datasets): `get_hf_file_metadata` and `http_get` inside `hf_hub_download`. Single
+  `Range: bytes=a-b` requests get a 206.
 
 Errors carry the `X-Error-Code` header the client maps to typed exceptions: `RepoNotFound`
 (`RepositoryNotFoundError`), `RevisionNotFound` (`RevisionNotFoundError`), `EntryNotFound`
@@ -195,6 +198,7 @@ class LocalHub:
         self.lfs_patterns = tuple(lfs_patterns)
         self.lfs_threshold = lfs_threshold
         self.repos: dict[str, Repo] = {}
+        self.datasets: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
@@ -240,15 +244,29 @@ class LocalHub:
 
     # -- state (Python-side; HTTP write endpoints should go through these) ----------------------
 
-    def create_repo(self, repo_id: str, *, private: bool = False, exist_ok: bool = True) -> Repo:
+    def _store(self, repo_type: str) -> dict[str, Repo]:
+        """`repos` (models) or `datasets`."""
+        if repo_type not in ("model", "dataset"):
+            raise ValueError(f"unsupported repo_type {repo_type!r}")
+        return self.repos if repo_type == "model" else self.datasets
+
+    def create_repo(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        exist_ok: bool = True,
+        repo_type: str = "model",
+    ) -> Repo:
         """Create an empty repo (no commits, no branches) or return the existing one."""
+        store = self._store(repo_type)
         with self.lock:
-            if repo_id in self.repos:
+            if repo_id in store:
                 if not exist_ok:
                     raise ValueError(f"repo {repo_id} exists")
-                return self.repos[repo_id]
-            repo = Repo(repo_id=repo_id, private=private)
-            self.repos[repo_id] = repo
+                return store[repo_id]
+            repo = Repo(repo_id=repo_id, repo_type=repo_type, private=private)
+            store[repo_id] = repo
             return repo
 
     def is_lfs(self, path: str, size: int) -> bool:
@@ -264,6 +282,7 @@ class LocalHub:
         branch: str = "main",
         message: str = "Upload files",
         lfs: Iterable[str] | None = None,
+        repo_type: str = "model",
     ) -> str:
         """Commit a full snapshot to `branch` (created if needed) and return the commit sha.
 
@@ -281,7 +300,7 @@ class LocalHub:
             else frozenset(p for p, data in snapshot.items() if self.is_lfs(p, len(data)))
         )
         with self.lock:
-            repo = self.create_repo(repo_id)
+            repo = self.create_repo(repo_id, repo_type=repo_type)
             parent = repo.branches.get(branch)
             sha = _commit_sha(parent, message, snapshot, lfs_paths)
             repo.commits[sha] = Commit(
@@ -306,14 +325,14 @@ class LocalHub:
 
     # -- lookups used by the handlers ---------------------------------------------------------
 
-    def _repo(self, repo_id: str) -> Repo:
-        repo = self.repos.get(repo_id)
+    def _repo(self, repo_id: str, repo_type: str = "model") -> Repo:
+        repo = self._store(repo_type).get(repo_id)
         if repo is None:
             raise HubError(404, f"Repository {repo_id} not found", "RepoNotFound")
         return repo
 
-    def _commit(self, repo_id: str, revision: str) -> tuple[Repo, Commit]:
-        repo = self._repo(repo_id)
+    def _commit(self, repo_id: str, revision: str, repo_type: str = "model") -> tuple[Repo, Commit]:
+        repo = self._repo(repo_id, repo_type)
         commit = repo.resolve(revision)
         if commit is None:
             raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
@@ -335,13 +354,21 @@ def _read_folder(folder: Path) -> dict[str, bytes]:
 # Repo ids are `name` or `namespace/name`; revisions and tree paths arrive percent-encoded
 # as one segment (`quote(rev, safe="")`); resolve paths keep their `/`.
 _REPO = r"(?P<repo>[^/]+(?:/[^/]+)?)"
+# `kind` is `models` or `datasets` in API paths; resolve paths of datasets start `/datasets/`.
+_API = r"/api/(?P<kind>models|datasets)"
+_FILE = r"^/(?:(?P<kind>datasets)/)?"
 _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
-    ("GET", re.compile(rf"^/api/models/{_REPO}/revision/(?P<rev>[^/]+)$"), "model_info"),
-    ("GET", re.compile(rf"^/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?$"), "tree"),
-    ("GET", re.compile(rf"^/api/models/{_REPO}$"), "model_info"),
-    ("HEAD", re.compile(rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"), "resolve"),
-    ("GET", re.compile(rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"), "resolve"),
+    ("GET", re.compile(rf"^{_API}/{_REPO}/revision/(?P<rev>[^/]+)$"), "model_info"),
+    ("GET", re.compile(rf"^{_API}/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?$"), "tree"),
+    ("GET", re.compile(rf"^{_API}/{_REPO}$"), "model_info"),
+    ("HEAD", re.compile(rf"{_FILE}{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"), "resolve"),
+    ("GET", re.compile(rf"{_FILE}{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"), "resolve"),
 ]
+
+
+def _repo_type(params: Mapping[str, str]) -> str:
+    """`model` or `dataset`, from a route's `kind` group."""
+    return "dataset" if params.get("kind") == "datasets" else "model"
 
 
 @dataclass
@@ -438,7 +465,9 @@ class _HubHandler(BaseHTTPRequestHandler):
     def _model_info(self, params: dict[str, str], query: dict[str, str]) -> _Response:
         """`HfApi.model_info`: `sha` and `siblings` are what download code reads."""
         with self.hub.lock:
-            repo, commit = self.hub._commit(params["repo"], params.get("rev", "main"))
+            repo, commit = self.hub._commit(
+                params["repo"], params.get("rev", "main"), _repo_type(params)
+            )
         with_blobs = query.get("blobs", "").lower() in ("1", "true")
         siblings = []
         for path in sorted(commit.files):
@@ -476,7 +505,7 @@ class _HubHandler(BaseHTTPRequestHandler):
     def _tree(self, params: dict[str, str], query: dict[str, str]) -> _Response:
         """`HfApi.list_repo_tree`: files and folders under `path` (all levels if recursive)."""
         with self.hub.lock:
-            _, commit = self.hub._commit(params["repo"], params["rev"])
+            _, commit = self.hub._commit(params["repo"], params["rev"], _repo_type(params))
         base = params.get("path", "").strip("/")
         recursive = query.get("recursive", "").lower() in ("1", "true")
         dirs = commit.directories()
@@ -504,7 +533,7 @@ class _HubHandler(BaseHTTPRequestHandler):
     def _resolve(self, params: dict[str, str], query: dict[str, str]) -> _Response:
         """`HEAD`/`GET` of a file: the headers `get_hf_file_metadata` needs, the bytes."""
         with self.hub.lock:
-            _, commit = self.hub._commit(params["repo"], params["rev"])
+            _, commit = self.hub._commit(params["repo"], params["rev"], _repo_type(params))
         path = params["path"]
         common = {"X-Repo-Commit": commit.sha}
         if path not in commit.files:

@@ -29,13 +29,6 @@ def reference_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return (bits >> 16).astype(np.uint16).reshape(*blocks.shape[:-2], -1)
 
 
-@pytest.fixture(scope="module")
-def tiny_float(tiny_original, tmp_path_factory):
-    out = tmp_path_factory.mktemp("float") / "float"
-    convert_checkpoint(tiny_original, out, max_shard_bytes=2_000_000)
-    return out
-
-
 def test_layout_names_and_files(tiny_float, tiny_original):
     shape = shape_of_checkpoint(tiny_original)
     with Checkpoint(tiny_float) as ckpt:

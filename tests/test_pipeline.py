@@ -17,6 +17,9 @@ def reproduced(tmp_path_factory):
     return repo, proc
 
 
+ALWAYS_RUN = {"machine"}  # records the machine on every run; unchanged output stops there
+
+
 def _ran(output: str) -> set[str]:
     """Stages that `dvc repro`/`dvc exp run` actually executed."""
     return {
@@ -38,7 +41,7 @@ def test_second_repro_reruns_nothing(reproduced):
     repo, _ = reproduced
     before = {p.name: p.stat().st_mtime_ns for p in (repo / "data" / "original").iterdir()}
     proc = run(["dvc", "repro"], repo)
-    assert _ran(proc.stdout) == set()
+    assert _ran(proc.stdout) - ALWAYS_RUN == set()
     after = {p.name: p.stat().st_mtime_ns for p in (repo / "data" / "original").iterdir()}
     assert after == before
 
@@ -46,4 +49,39 @@ def test_second_repro_reruns_nothing(reproduced):
 def test_dvc_status_is_clean(reproduced):
     repo, _ = reproduced
     proc = run(["dvc", "status"], repo)
-    assert "up to date" in proc.stdout.lower()
+    changed = {line[:-1] for line in proc.stdout.splitlines() if line.endswith(":")}
+    assert changed <= ALWAYS_RUN, proc.stdout
+
+
+UPSTREAM = {"download", "convert", "plan"}
+OTHER_TIERS = {"quantize@control", "quantize@sensitive", "quantize@attention"}
+
+
+def test_repro_builds_a_loadable_model(reproduced):
+    from mlx_lm import load
+
+    repo, proc = reproduced
+    assert {"quantize@experts", "assemble"} <= _ran(proc.stdout)
+    model, _ = load(str(repo / "data" / "model"))
+    assert model.model.layers[0].mlp.experts.gate_proj.bits == 3
+
+
+def test_exp_run_experts_4_reruns_only_the_experts_tier_onward(reproduced):
+    repo, _ = reproduced
+    proc = run(["dvc", "exp", "run", "-S", "tiers.experts=4"], repo)
+    ran = _ran(proc.stdout)
+    assert {"quantize@experts", "assemble", "benchmark@model"} <= ran
+    assert not ran & (UPSTREAM | OTHER_TIERS | {"reference", "benchmark@original"}), ran
+    from mlx_lm import load
+
+    model, _ = load(str(repo / "data" / "model"))
+    assert model.model.layers[0].mlp.experts.gate_proj.bits == 4
+
+
+def test_exp_run_attention_6_reruns_only_the_attention_tier_onward(reproduced):
+    repo, _ = reproduced
+    proc = run(["dvc", "exp", "run", "-S", "tiers.attention=6"], repo)
+    ran = _ran(proc.stdout)
+    assert {"quantize@attention", "assemble"} <= ran
+    # experts goes back to 3 bits (Hydra recomposes conf/): restored from the run-cache.
+    assert not ran & (UPSTREAM | {"quantize@control", "quantize@sensitive", "quantize@experts"})

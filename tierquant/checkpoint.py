@@ -265,12 +265,12 @@ def write_json(path: Path, obj: object) -> None:
     Path(path).write_bytes(json_bytes(obj))
 
 
-def shard_name(index: int, count: int, *, zero_based: bool = False) -> str:
+def shard_name(index: int, count: int, *, zero_based: bool = False, prefix: str = "model") -> str:
     """`model-00001-of-00003.safetensors` (mlx-lm, transformers) or the zero-based
     `model-00000-of-00002.safetensors` the gpt-oss release uses ("of" = last index)."""
     if zero_based:
-        return f"model-{index:05d}-of-{count - 1:05d}.safetensors"
-    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+        return f"{prefix}-{index:05d}-of-{count - 1:05d}.safetensors"
+    return f"{prefix}-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
 def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -313,6 +313,7 @@ class ShardedWriter:
         max_shard_bytes: int,
         zero_based_names: bool = False,
         metadata: dict[str, str] | None = None,
+        name_prefix: str = "model",
     ) -> None:
         self.out_dir = Path(out_dir)
         specs = list(specs)
@@ -321,7 +322,10 @@ class ShardedWriter:
             raise ValueError("duplicate tensor names in writer specs")
         self.shards = plan_shards(specs, max_shard_bytes)
         count = len(self.shards)
-        self.shard_names = [shard_name(i, count, zero_based=zero_based_names) for i in range(count)]
+        self.shard_names = [
+            shard_name(i, count, zero_based=zero_based_names, prefix=name_prefix)
+            for i in range(count)
+        ]
         self.slots: dict[str, _Slot] = {}
         self.weight_map: dict[str, str] = {}
         self._files: list[BinaryIO] = []

@@ -11,16 +11,32 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import TierquantError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
-PARAMS_PATH = REPO_ROOT / "params.yaml"
+if TYPE_CHECKING:
+    from .recipe import Precision
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project checkout to work in: the nearest folder at or above `start` (default:
+    the current directory, where DVC runs stages) holding dvc.yaml and conf/.
+
+    Never the folder the package was installed from: an editable install serves every
+    clone of the repo (tests run the pipeline in temporary copies).
+    """
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "conf").is_dir():
+            return folder
+    raise TierquantError(
+        f"{here} is not inside a tierquant checkout (no dvc.yaml and conf/ above it); "
+        "run from the repository root"
+    )
 
 
 @dataclass
@@ -53,18 +69,144 @@ class ModelConfig:
     revision: str | None = None
     license: str = "apache-2.0"
     allow_patterns: list[str] = field(default_factory=list)
+    max_shard_bytes: int = 5_000_000_000  # cap for the checkpoints we write (convert, model)
     synthetic: SyntheticConfig | None = None
 
 
 @dataclass
 class PathsConfig:
     original: str = "data/original"
+    float: str = "data/float"
+    plan: str = "data/plan"
+    predict: str = "data/predict"
+    quantized: str = "data/quantized"  # one folder per tier
+    model: str = "data/model"
+    size_metrics: str = "metrics/size.json"
+    quant_error_plot: str = "metrics/quant_error.csv"
+    reference: str = "data/reference"
+    validate: str = "metrics/validate.json"
+    machine: str = "data/machine.json"
+    benchmark: str = "data/benchmark"
+
+
+@dataclass
+class EvalConfig:
+    """The eval set: text -> tokens -> `num_windows` windows of `window_length` tokens.
+
+    `source: text` reads `path` (null: the bundled tierquant/assets/corpus.txt);
+    `source: hub` fetches `files` (a path or glob in the dataset repo: .txt, .json,
+    .jsonl) of dataset `repo_id`@`revision`, joining `text_column` of each record.
+    `top_k` reference log-probs per token are stored (see tierquant.evaluate).
+    """
+
+    source: str = "text"  # "text" or "hub"
+    path: str | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+    files: str | None = None
+    text_column: str = "text"
+    num_windows: int = 16
+    window_length: int = 128
+    batch_size: int = 4
+    top_k: int = 64
+
+
+@dataclass
+class ValidateConfig:
+    """Quality gate thresholds (null disables one) and the structural tolerance."""
+
+    kld_mean_max: float | None = None
+    kld_p99_max: float | None = None
+    kld_max_max: float | None = None
+    top1_min: float | None = None
+    ppl_ratio_max: float | None = None
+    bpw_tolerance: float = 0.01  # relative: |actual - predicted| / predicted
+
+
+@dataclass
+class StrideConfig:
+    """Layers whose index, counted from the first middle layer, mod `step` is in `offsets`."""
+
+    step: int
+    offsets: list[int]
+
+
+@dataclass
+class RuleConfig:
+    """One rule of a recipe tier: every selector given must match (see tierquant.recipe)."""
+
+    kinds: list[str] | None = None  # from tierquant.gptoss.KINDS
+    names: list[str] | None = None  # fnmatch globs on the tensor name
+    layers: list[list[int]] | None = None  # absolute [start, stop) pairs
+    position: str | None = None  # "edge" or "middle" (recipe.edge_layers)
+    layer_types: list[str] | None = None  # sliding_attention / full_attention
+    stride: StrideConfig | None = None
+
+
+@dataclass
+class RecipeConfig:
+    """Which tensors form which tier (conf/recipe/<name>.yaml); bits live in `tiers`."""
+
+    name: str = "seed"
+    edge_layers: str = "1/6"  # first and last this fraction of the layers are "edge"
+    # tier -> rules; typed into RuleConfig by tierquant.recipe.typed_rules at load
+    # (OmegaConf does not type dataclasses inside a list inside a dict).
+    tiers: dict[str, list[RuleConfig]] = field(default_factory=dict)
+
+
+@dataclass
+class QuantConfig:
+    """Affine quantization settings shared by every integer-bits tier."""
+
+    group_size: int = 64  # 32, 64 or 128 (mx.quantize)
+
+
+@dataclass
+class BenchmarkConfig:
+    """Speed benchmark settings, and the data its fit and bandwidth tables use.
+
+    See tierquant.bench. `contexts` are prompt lengths; each is timed `trials` times
+    after `warmup` untimed runs. `memory_gib` are the unified-memory sizes of the fit
+    table; the GPU may use `gpu_fraction` of them (`gpu_fraction_small` at or below
+    `small_memory_gib`: macOS's default wired limit) or, with the limit raised, all but
+    `os_reserve_gib`; `overhead_gib` is kept free for activations and buffers. `chips`
+    maps a chip name to its memory bandwidth in GB/s (vendor figures).
+    """
+
+    contexts: list[int] = field(default_factory=lambda: [1024, 4096])
+    generate_tokens: int = 128
+    trials: int = 3
+    warmup: int = 1
+    seed: int = 0
+    prefill_step_size: int = 2048
+    probe_mib: int = 512
+    memory_gib: list[int] = field(default_factory=lambda: [32, 64, 96, 128, 192])
+    gpu_fraction: float = 0.75
+    gpu_fraction_small: float = 0.6667
+    small_memory_gib: float = 36.0
+    os_reserve_gib: float = 8.0
+    overhead_gib: float = 2.0
+    chips: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    # tier -> precision: int bits (affine, quant.group_size), 16/bf16, or mxfp4;
+    # parsed by tierquant.recipe.parse_tiers (Config.precisions()).
+    tiers: dict[str, Any] = field(default_factory=dict)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+
+    def precisions(self) -> dict[str, Precision]:
+        """`tiers` parsed: tier name -> tierquant.recipe.Precision, in order."""
+        from .recipe import parse_tiers
+
+        return parse_tiers(self.tiers, self.quant.group_size)
 
 
 def validate(cfg: DictConfig | dict) -> Config:
@@ -88,6 +230,9 @@ def _first_line(e: Exception) -> str:
 
 
 def _check_semantics(config: Config) -> None:
+    _check_eval(config.eval)
+    _check_benchmark(config.benchmark)
+    _check_recipe_and_tiers(config)
     model = config.model
     if model.source == "synthetic":
         if model.synthetic is None:
@@ -106,12 +251,52 @@ def _check_semantics(config: Config) -> None:
         )
 
 
+def _check_recipe_and_tiers(config: Config) -> None:
+    """Type the recipe's rules, check their values, and parse every tier's precision."""
+    from .recipe import check_recipe, typed_rules
+
+    if config.recipe.tiers:
+        config.recipe.tiers = typed_rules(config.recipe.tiers)
+    check_recipe(config.recipe)
+    config.precisions()
+
+
+def _check_eval(ev: EvalConfig) -> None:
+    if ev.source == "hub":
+        if not ev.repo_id or not ev.files:
+            raise TierquantError(
+                "params: eval.source is 'hub': set eval.repo_id and eval.files "
+                "(a file or glob in the dataset repo)"
+            )
+    elif ev.source != "text":
+        raise TierquantError(f"params: eval.source must be 'text' or 'hub', got {ev.source!r}")
+    for key in ("num_windows", "window_length", "batch_size", "top_k"):
+        if getattr(ev, key) < 1:
+            raise TierquantError(f"params: eval.{key} must be >= 1, got {getattr(ev, key)}")
+    if ev.window_length < 2:
+        raise TierquantError("params: eval.window_length must be >= 2 (one prediction per token)")
+
+
+def _check_benchmark(b: BenchmarkConfig) -> None:
+    if not b.contexts or min(b.contexts) < 1:
+        raise TierquantError(f"params: benchmark.contexts must be positive ints, got {b.contexts}")
+    for key in ("generate_tokens", "trials", "prefill_step_size", "probe_mib"):
+        if getattr(b, key) < 1:
+            raise TierquantError(f"params: benchmark.{key} must be >= 1, got {getattr(b, key)}")
+    if b.warmup < 0:
+        raise TierquantError(f"params: benchmark.warmup must be >= 0, got {b.warmup}")
+    for key in ("gpu_fraction", "gpu_fraction_small"):
+        if not 0 < getattr(b, key) <= 1:
+            value = getattr(b, key)
+            raise TierquantError(f"params: benchmark.{key} must be in (0, 1], got {value}")
+
+
 def compose(overrides: list[str] | None = None) -> dict[str, Any]:
     """Compose conf/config.yaml with Hydra, as `dvc exp run` does, into a plain dict."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+    with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base=None):
         cfg = hydra_compose(config_name="config", overrides=overrides or [])
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
@@ -131,13 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=wide")
     args = parser.parse_args(argv)
     params = compose(args.overrides)
+    params_path = project_root() / "params.yaml"
     validate(params)
     text = params_text(params)
     if args.write:
-        PARAMS_PATH.write_text(text)
-        print(f"wrote {PARAMS_PATH.relative_to(REPO_ROOT)}")
+        params_path.write_text(text)
+        print(f"wrote {params_path}")
         return 0
-    current = PARAMS_PATH.read_text() if PARAMS_PATH.exists() else ""
+    current = params_path.read_text() if params_path.exists() else ""
     if OmegaConf.to_container(OmegaConf.create(current)) != params:
         print(
             "params.yaml differs from the composition of conf/: run "

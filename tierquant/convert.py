@@ -68,7 +68,9 @@ def convert_checkpoint(src: Path, dest: Path, *, max_shard_bytes: int) -> Conver
         ShardedWriter(
             tmp, specs, max_shard_bytes=max_shard_bytes, metadata={"format": "mlx"}
         ) as writer,
-        tqdm(total=total, unit="B", unit_scale=True, desc="convert", leave=False) as bar,
+        tqdm(
+            total=total, unit="B", unit_scale=True, desc="convert", leave=False, disable=None
+        ) as bar,
     ):
         for layer in range(shape.num_hidden_layers):
             _convert_experts(original, writer, shape, layer, bar)

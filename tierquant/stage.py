@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from .config import REPO_ROOT, Config, validate
+from .config import project_root, validate
 from .errors import TierquantError
 
 QUIET_HYDRA = (
@@ -26,22 +27,39 @@ QUIET_HYDRA = (
 log = logging.getLogger("tierquant")
 
 
-def stage_main(run: Callable[[Config], object]) -> Callable[[], None]:
-    """Wrap `run(config)` as a Hydra command line reading params.yaml."""
+def stage_main(run: Callable[..., object], stage_args: tuple[str, ...] = ()) -> Callable[[], None]:
+    """Wrap `run(config, **stage_args)` as a Hydra command line reading params.yaml.
+
+    `stage_args` are per-stage arguments that are not params (e.g. the `tier=experts`
+    that dvc.yaml's foreach gives each quantize stage): taken off the command line
+    before Hydra sees it, and required.
+    """
 
     def main() -> None:
         import hydra
         from omegaconf import DictConfig
 
+        kwargs: dict[str, str] = {}
+        for name in stage_args:
+            found = [a for a in sys.argv[1:] if a.startswith(f"{name}=")]
+            if not found:
+                print(f"error: {sys.argv[0]} needs {name}=<value>", file=sys.stderr)
+                sys.exit(2)
+            kwargs[name] = found[-1].split("=", 1)[1]
+            sys.argv[1:] = [a for a in sys.argv[1:] if a not in found]
         given = {arg.split("=", 1)[0] for arg in sys.argv[1:]}
         sys.argv[1:1] = [o for o in QUIET_HYDRA if o.split("=", 1)[0] not in given]
 
-        @hydra.main(config_path=str(REPO_ROOT), config_name="params", version_base=None)
+        # params.yaml of the checkout the stage script belongs to (not of the checkout
+        # the package was installed from).
+        root = project_root(Path(sys.argv[0]).resolve().parent)
+
+        @hydra.main(config_path=str(root), config_name="params", version_base=None)
         def _hydra_main(cfg: DictConfig) -> None:
             logging.getLogger().setLevel(logging.INFO)
             try:
                 config = validate(cfg)
-                run(config)
+                run(config, **kwargs)
             except TierquantError as e:
                 log.error("%s", e)
                 print(f"error: {e}", file=sys.stderr)

@@ -270,7 +270,9 @@ def write_synthetic_checkpoint(out_dir: Path, spec: SyntheticConfig) -> None:
             zero_based_names=True,
             metadata={"format": "pt"},
         ) as writer,
-        tqdm(total=total, unit="B", unit_scale=True, desc="synthesize", leave=False) as bar,
+        tqdm(
+            total=total, unit="B", unit_scale=True, desc="synthesize", leave=False, disable=None
+        ) as bar,
     ):
         for ts in specs:
             for part in weights.parts(ts):

@@ -1,0 +1,238 @@
+"""assemble stage: the tiers' shards → one stock mlx-lm model directory.
+
+Each tier's shards are hard-linked (not copied: at 120B the experts tier alone is about
+46 GB) into `data/model` under mlx-lm's global names `model-0000N-of-0000M.safetensors`,
+beside an index, a config.json whose per-module `quantization` map (and
+`quantization_config`) gives every matrix its tier's precision — the router and every
+other bf16 module explicitly `false`, since mlx-lm's own gpt-oss predicate would make
+the router 8-bit — and the tokenizer and generation files. The exact size per tier and
+in total is counted from the tensors written and saved as DVC metrics, with the
+per-module quantization error as a plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .checkpoint import INDEX_NAME, Checkpoint, atomic_output, read_json, shard_name, write_json
+from .config import Config
+from .convert import SIDE_FILES
+from .errors import TierquantError
+from .gptoss import mlx_weights, shape_of_checkpoint
+from .quantize import MANIFEST
+from .recipe import Precision, parse_tiers
+
+log = logging.getLogger(__name__)
+
+
+def assemble(config: Config) -> dict:
+    """The assemble stage: `paths.quantized/<tier>` for every tier → `paths.model`."""
+    tiers = parse_tiers(config.tiers, config.quant.group_size)
+    return assemble_model(
+        tiers=tiers,
+        quantized_dir=Path(config.paths.quantized),
+        float_dir=Path(config.paths.float),
+        original_dir=Path(config.paths.original),
+        out_dir=Path(config.paths.model),
+        size_metrics=Path(config.paths.size_metrics),
+        error_plot=Path(config.paths.quant_error_plot),
+    )
+
+
+def _link_or_copy(src: Path, dest: Path) -> str:
+    try:
+        os.link(src, dest)
+        return "linked"
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        shutil.copyfile(src, dest)
+        return "copied"
+
+
+def _read_manifest(quantized_dir: Path, tier: str, precision: Precision) -> dict:
+    path = quantized_dir / tier / MANIFEST
+    if not path.is_file():
+        raise TierquantError(
+            f"{path} is missing: tier {tier!r} has not been quantized (run `dvc repro`)"
+        )
+    manifest = read_json(path)
+    expected = precision.quantization() or {"mode": "bf16"}
+    if manifest.get("precision") != expected:
+        raise TierquantError(
+            f"{path}: tier {tier!r} was quantized as {manifest.get('precision')} but "
+            f"tiers.{tier} now asks for {expected}; rerun quantize@{tier} (`dvc repro`)"
+        )
+    return manifest
+
+
+def assemble_model(
+    *,
+    tiers: dict[str, Precision],
+    quantized_dir: Path,
+    float_dir: Path,
+    original_dir: Path,
+    out_dir: Path,
+    size_metrics: Path,
+    error_plot: Path,
+) -> dict:
+    """Link the tiers' shards into `out_dir` and write config, index and metrics."""
+    manifests = {t: _read_manifest(quantized_dir, t, p) for t, p in tiers.items()}
+    shape = shape_of_checkpoint(float_dir)
+    weights = mlx_weights(shape)
+    owner: dict[str, str] = {}
+    for tier, manifest in manifests.items():
+        for name in [*manifest["modules"], *manifest["vectors"]]:
+            if name in owner:
+                raise TierquantError(
+                    f"{name} is in both tier {owner[name]!r} and tier {tier!r}; "
+                    "rerun the plan stage"
+                )
+            owner[name] = tier
+    for w in weights:
+        key = w.module if w.is_matrix else w.name
+        if key not in owner:
+            raise TierquantError(
+                f"{key} belongs to no tier in {quantized_dir} (tiers: {', '.join(tiers)}); "
+                "every tier of the recipe needs a precision in `tiers`"
+            )
+
+    sources = [(t, s) for t, m in manifests.items() for s in m["shards"]]
+    count = len(sources)
+    weight_map: dict[str, str] = {}
+    quantization: dict[str, object] = {}
+    main_tier = max(manifests, key=lambda t: manifests[t]["params"])
+    default = tiers[main_tier].quantization()
+    if default:
+        quantization.update(default)
+    for tier, manifest in manifests.items():
+        entry = tiers[tier].quantization() or False
+        for module in manifest["modules"]:
+            quantization[module] = entry
+
+    float_config = read_json(float_dir / "config.json")
+    model_config = {
+        **float_config,
+        "quantization": quantization,
+        "quantization_config": quantization,
+    }
+    with atomic_output(out_dir) as tmp:
+        how = set()
+        for k, (tier, shard) in enumerate(sources):
+            name = shard_name(k, count)
+            how.add(_link_or_copy(quantized_dir / tier / shard, tmp / name))
+            for tensor, tensor_shard in manifests[tier]["tensors"].items():
+                if tensor_shard == shard:
+                    weight_map[tensor] = name
+        with Checkpoint(tmp) as written:  # headers only: the exact bytes per tensor
+            sizes = {n: i.nbytes for n, i in written.tensors.items()}
+        write_json(
+            tmp / INDEX_NAME,
+            {
+                "metadata": {"total_size": sum(sizes.values())},
+                "weight_map": dict(sorted(weight_map.items())),
+            },
+        )
+        write_json(tmp / "config.json", model_config)
+        for side in SIDE_FILES:
+            if (float_dir / side).is_file():
+                shutil.copyfile(float_dir / side, tmp / side)
+    log.info(
+        "wrote %s: %d shard(s) %s from %d tiers", out_dir, count, "/".join(sorted(how)), len(tiers)
+    )
+
+    metrics = size_table(manifests, tiers, weight_map, sizes, original_dir)
+    size_metrics.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(size_metrics, is_dir=False) as tmp_file:
+        write_json(tmp_file, metrics)
+    with atomic_output(error_plot, is_dir=False) as tmp_file:
+        tmp_file.write_text(error_csv(manifests))
+    for tier, row in metrics["tiers"].items():
+        log.info(
+            "  %-10s %-12s %6.2f%% of params  %12d bytes  %.3f bits/weight",
+            tier,
+            row["precision"],
+            row["params_pct"],
+            row["bytes"],
+            row["bits_per_weight"],
+        )
+    total = metrics["total"]
+    log.info(
+        "  %-10s %-12s %6.2f%% of params  %12d bytes  %.3f bits/weight (%.2f GiB)",
+        "total",
+        "",
+        100.0,
+        total["bytes"],
+        total["bits_per_weight"],
+        total["gib"],
+    )
+    return metrics
+
+
+def size_table(
+    manifests: dict[str, dict],
+    tiers: dict[str, Precision],
+    weight_map: dict[str, str],
+    sizes: dict[str, int],
+    original_dir: Path,
+) -> dict:
+    """Exact bytes and bits per weight per tier and in total, from the written tensors."""
+    params = {t: m["params"] for t, m in manifests.items()}
+    total_params = sum(params.values())
+    tier_bytes = {t: sum(sizes[n] for n in m["tensors"]) for t, m in manifests.items()}
+    total_bytes = sum(tier_bytes.values())
+    assert total_bytes == sum(sizes[n] for n in weight_map)
+    with Checkpoint(original_dir) as original:
+        original_bytes = sum(i.nbytes for i in original.tensors.values())
+    return {
+        "tiers": {
+            t: {
+                "precision": tiers[t].label,
+                "params": params[t],
+                "params_pct": 100 * params[t] / total_params,
+                "bytes": tier_bytes[t],
+                "bytes_pct": 100 * tier_bytes[t] / total_bytes,
+                "bits_per_weight": 8 * tier_bytes[t] / params[t],
+            }
+            for t in manifests
+        },
+        "total": {
+            "params": total_params,
+            "bytes": total_bytes,
+            "gib": total_bytes / 2**30,
+            "bits_per_weight": 8 * total_bytes / total_params,
+        },
+        "original": {
+            "bytes": original_bytes,
+            "bits_per_weight": 8 * original_bytes / total_params,
+        },
+    }
+
+
+def error_csv(manifests: dict[str, dict]) -> str:
+    """Per-module relative RMSE, for `dvc plots` (error by layer, one series per kind)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["module", "tier", "kind", "layer", "bits", "rel_rmse"])
+    for tier, manifest in manifests.items():
+        for module, entry in manifest["modules"].items():
+            if entry.get("rel_rmse") is None:
+                continue
+            layer = entry["layer"] if entry["layer"] is not None else -1
+            writer.writerow(
+                [
+                    module,
+                    tier,
+                    entry["kind"],
+                    layer,
+                    entry.get("bits", 16),
+                    f"{entry['rel_rmse']:.6g}",
+                ]
+            )
+    return out.getvalue()

@@ -1,0 +1,166 @@
+"""Structural checks of an assembled model against the plan and the tier params.
+
+`check_structure(model_dir, plan_dir, tiers)` reads safetensors headers, config.json and
+`plan_dir/<tier>.json`; it loads no model. It checks that config.json's `quantization`
+(and `quantization_config`) gives every planned module its tier's precision and every
+bf16 module none; that every tensor has the dtype and shape of that precision (so the
+bits stored are the bits asked for); that nothing unplanned is present; that no float
+tensor holds NaN or Inf (streamed in row slices, one tensor at a time); and that the
+model's bits per weight, counted from the bytes on disk, equals the plan's prediction
+(tierquant.predict.tier_size) within `validate.bpw_tolerance`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import Checkpoint, TensorInfo, read_json
+from .errors import TierquantError
+from .gptoss import MATRIX_KINDS, Weight
+from .plan import plan_tier_names, read_plan
+from .predict import tier_size
+from .quantize import quantized_specs
+from .recipe import Precision
+
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+SCAN_BYTES = 64 << 20  # bytes read at a time by the NaN/Inf scan
+
+
+@dataclass
+class StructureReport:
+    """Problems found (empty: the model is as planned) and the size figures."""
+
+    problems: list[str] = field(default_factory=list)
+    tensors: int = 0
+    nonfinite_tensors: int = 0
+    params: int = 0
+    bytes: int = 0
+    bits_per_weight: float = 0.0
+    bits_per_weight_predicted: float = 0.0
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "structure_problems": len(self.problems),
+            "nonfinite_tensors": self.nonfinite_tensors,
+            "tensors": self.tensors,
+            "bits_per_weight": self.bits_per_weight,
+            "bits_per_weight_predicted": self.bits_per_weight_predicted,
+        }
+
+
+def nonfinite_count(ckpt: Checkpoint, info: TensorInfo) -> int:
+    """NaN/Inf values in one float tensor, read SCAN_BYTES at a time."""
+    if info.dtype not in FLOAT_DTYPES:
+        return 0
+    rows = info.shape[0] if info.shape else 1
+    step = max(1, SCAN_BYTES // max(1, info.row_bytes))
+    bad = 0
+    for start in range(0, rows, step):
+        if info.shape:
+            raw = ckpt.read_rows(info.name, start, min(rows, start + step))
+        else:
+            raw = ckpt.read(info.name)
+        if info.dtype == "BF16":  # uint16 bit patterns: exponent all ones
+            bad += int(np.count_nonzero((raw & 0x7F80) == 0x7F80))
+        else:
+            bad += int(np.count_nonzero(~np.isfinite(raw)))
+    return bad
+
+
+def _config_entry(config_q: dict[str, Any] | None, module: str) -> tuple[bool, Any]:
+    """(has an entry, entry) of `module` in config.json's `quantization` map."""
+    if not config_q:
+        return True, None  # no quantization at all: every module bf16
+    return module in config_q, config_q.get(module)
+
+
+def _actual_bits(infos: dict[str, TensorInfo], module: str, group_size: int) -> str:
+    """A human form of what the module's tensors hold (for messages)."""
+    w, s = infos.get(f"{module}.weight"), infos.get(f"{module}.scales")
+    if w is None:
+        return "no weight"
+    if s is None or w.dtype != "U32":
+        return f"{w.dtype} (unquantized)"
+    cols = s.shape[-1] * group_size
+    return f"{w.shape[-1] * 32 / cols:g} bits at group {group_size}" if cols else "?"
+
+
+def check_structure(
+    model_dir: Path, plan_dir: Path, tiers: dict[str, Precision], *, bpw_tolerance: float = 0.01
+) -> StructureReport:
+    """Check `model_dir` against `plan_dir/<tier>.json` and `tiers` (see module doc)."""
+    report = StructureReport()
+    problems = report.problems
+    planned = set(plan_tier_names(plan_dir))
+    if planned != set(tiers):
+        problems.append(f"plan tiers {sorted(planned)} != tiers params {sorted(tiers)} (tiers.*)")
+    config = read_json(Path(model_dir) / "config.json")
+    config_q = config.get("quantization")
+    if config.get("quantization_config") != config_q:
+        problems.append("config.json: quantization_config differs from quantization")
+
+    with Checkpoint(model_dir) as ckpt:
+        infos = ckpt.tensors
+        expected: set[str] = set()
+        numel, predicted_bits = 0, Fraction(0)
+        for tier, precision in tiers.items():
+            if tier not in planned:
+                continue
+            plan = read_plan(plan_dir, tier)
+            n, bits = tier_size(tier, plan, precision)
+            numel, predicted_bits = numel + n, predicted_bits + bits
+            for t in plan["tensors"]:
+                w = Weight(t["name"], t["kind"], t.get("layer"), None, tuple(t["shape"]))
+                specs = quantized_specs(w, precision)
+                expected.update(s.name for s in specs)
+                for spec in specs:
+                    info = infos.get(spec.name)
+                    if info is None:
+                        problems.append(f"{spec.name}: missing (tier {tier!r})")
+                    elif (info.dtype, info.shape) != (spec.dtype, spec.shape):
+                        actual = _actual_bits(infos, w.module, precision.group_size or 32)
+                        problems.append(
+                            f"{spec.name}: {info.dtype}{list(info.shape)}, expected "
+                            f"{spec.dtype}{list(spec.shape)} for tier {tier!r} "
+                            f"({precision.label}, tiers.{tier}); holds {actual}"
+                        )
+                if w.kind in MATRIX_KINDS:
+                    has, entry = _config_entry(config_q, w.module)
+                    want = precision.quantization()
+                    if not has:
+                        problems.append(
+                            f"config.json quantization has no entry for {w.module!r}; "
+                            f"expected {want or False!r} (tier {tier!r})"
+                        )
+                    elif (want or None) != (entry or None):
+                        problems.append(
+                            f"config.json quantization[{w.module!r}] = {entry!r}, expected "
+                            f"{want!r} for tier {tier!r} (tiers.{tier} = {precision.label})"
+                        )
+        for name in sorted(set(infos) - expected):
+            problems.append(f"{name}: in the model but in no tier's plan")
+        for name, info in infos.items():
+            bad = nonfinite_count(ckpt, info)
+            if bad:
+                report.nonfinite_tensors += 1
+                problems.append(f"{name}: {bad} NaN/Inf value(s)")
+        report.tensors = len(infos)
+        report.bytes = sum(i.nbytes for i in infos.values())
+    if numel == 0:
+        raise TierquantError(f"{plan_dir}: the plan lists no tensors; rerun the plan stage")
+    report.params = numel
+    report.bits_per_weight = report.bytes * 8 / numel
+    report.bits_per_weight_predicted = float(predicted_bits / numel)
+    gap = abs(report.bits_per_weight - report.bits_per_weight_predicted)
+    if gap > bpw_tolerance * report.bits_per_weight_predicted:
+        problems.append(
+            f"bits_per_weight = {report.bits_per_weight:.4f} differs from the plan's "
+            f"prediction {report.bits_per_weight_predicted:.4f} by more than "
+            f"{bpw_tolerance:g} (validate.bpw_tolerance)"
+        )
+    return report
