@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -20,6 +22,7 @@ class Measured:
     peak_rss: int  # bytes: peak of the summed RSS of the whole process tree (sampled)
     returncode: int
     output: str
+    bytes_written: int = 0  # kernel write accounting of the (waited-for) process tree
 
 
 def _tree_rss(root: int) -> int:
@@ -52,6 +55,7 @@ def run_measured(cmd: list[str], *, cwd: Path = REPO, env: dict | None = None) -
     full_env = dict(os.environ)
     full_env["PATH"] = f"{VENV_BIN}{os.pathsep}{full_env.get('PATH', '')}"
     full_env.update(env or {})
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock
     start = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -71,9 +75,37 @@ def run_measured(cmd: list[str], *, cwd: Path = REPO, env: dict | None = None) -
     done.set()
     sampler.join()
     wall = time.perf_counter() - start
+    written = (resource.getrusage(resource.RUSAGE_CHILDREN).ru_oublock - before) * 512
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{output[-3000:]}")
-    return Measured(wall, peak, proc.returncode, output)
+    return Measured(wall, peak, proc.returncode, output, written)
+
+
+def copy_checkout(dest: Path, source: Path = REPO) -> Path:
+    """A fresh git repo at `dest` holding `source`'s tracked and untracked (non-ignored)
+    files, without DVC outputs or dvc.lock: a clean clone of the working tree."""
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=source,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for rel in filter(None, listed):
+        src = source / rel
+        if not src.is_file() or (rel.startswith("data/") and not rel.endswith(".gitignore")):
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    git = ["git", "-c", "user.name=tierquant", "-c", "user.email=tierquant@localhost"]
+    for cmd in (["git", "init", "-q"], [*git, "add", "-A"], [*git, "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
 
 
 def dir_bytes(path: Path) -> int:

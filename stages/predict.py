@@ -1,4 +1,4 @@
-"""predict: data/plan + tiers + quant → data/predict/size.json (bytes, bits per weight)."""
+"""predict: data/plan + tiers + quant → metrics/predicted_size.json (bytes, bits per weight)."""
 
 from pathlib import Path
 
@@ -14,7 +14,7 @@ def run(config: Config) -> None:
         original=Path(config.paths.original),
         tiers=dict(config.tiers),
         group_size=config.quant.group_size,
-        out=Path(config.paths.predict) / "size.json",
+        out=Path(config.paths.predict),
     )
 
 

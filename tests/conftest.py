@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from bench.common import copy_checkout
 from tierquant.config import SyntheticConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,29 +103,7 @@ def run_stage(
 
 def copy_repo(dest: Path) -> Path:
     """A fresh git repo holding the project's tracked and untracked (non-ignored) files."""
-    listed = (
-        subprocess.run(
-            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-            cwd=REPO,
-            capture_output=True,
-            check=True,
-        )
-        .stdout.decode()
-        .split("\0")
-    )
-    for rel in filter(None, listed):
-        src = REPO / rel
-        if not src.is_file() or rel.startswith("data/") and not rel.endswith(".gitignore"):
-            continue
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, target)
-    (dest / "dvc.lock").unlink(missing_ok=True)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    run(["git", "init", "-q"], dest)
-    run([*git, "add", "-A"], dest)
-    run([*git, "commit", "-qm", "copy"], dest)
-    return dest
+    return copy_checkout(dest)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@
 `HF_ENDPOINT`. Plain HTTP only: nothing advertises Xet (no `X-Xet-*` headers, no `xetHash`
 in tree entries), so the client takes its regular HTTP download path.
 
-State model (meant to grow into create_repo / preupload / commit / tags / PRs later):
+State model:
 
 - `hub.repos[repo_id]` (models) and `hub.datasets[repo_id]` (datasets: pass
   `repo_type="dataset"` to `create_repo` / `add_commit`) hold `Repo`s: `commits`
@@ -25,6 +25,33 @@ Endpoints (see `_ROUTES`):
   datasets): `get_hf_file_metadata` and `http_get` inside `hf_hub_download`. Single
   `Range: bytes=a-b` requests get a 206.
 
+Write API (what `HfApi.create_repo`, `upload_folder` / `create_commit`, `create_tag`,
+`create_branch`, `create_pull_request` and `list_repo_refs` call):
+
+- `POST /api/repos/create`: a new repo gets an initial commit holding `.gitattributes`, as
+  on the Hub; 409 if it exists (`exist_ok=True` accepts that).
+- `POST /api/validate-yaml`: README.md front matter must parse as a YAML mapping (400 else).
+- `POST /api/{kind}/{repo}/preupload/{rev}`: per file `uploadMode` (`lfs` by name pattern
+  or size, see `is_lfs`; never xet), `shouldIgnore` false, and `oid` of the file already at
+  `rev` (git blob sha1, or sha256 for LFS files) so the client drops unchanged files.
+- `POST /{repo}.git/info/lfs/objects/batch`: the git-lfs batch API, `basic` transfer only
+  (no `chunk_size`: single PUT; no xet). Objects already stored get no `actions`. Uploads go
+  to `PUT /lfs-upload/{oid}?sig=...` (a presigned-style URL: no Authorization needed), then
+  `POST /lfs-verify/{oid}`. `hub.lfs_objects` holds the uploaded bytes by sha256.
+- `POST /api/{kind}/{repo}/commit/{rev}[?create_pr=1]`: the ndjson body of `_send_commit`
+  (`header`, `file` base64, `lfsFile` (must be uploaded first, else 422), `deletedFile`,
+  `deletedFolder`); `parentCommit` must be the branch head (412 else). `rev` is a branch or
+  `refs/pr/N`; with `create_pr=1` a new PR `refs/pr/N` starts from `rev` and takes the
+  commit. Answers `commitOid`, `commitUrl`, `pullRequestUrl`.
+- `POST /api/{kind}/{repo}/discussions` (`pullRequest: true` makes `refs/pr/N` at the head
+  of main) and `GET .../discussions/{num}`: `create_pull_request`.
+- `POST /api/{kind}/{repo}/tag/{rev}` (409 if the tag exists), `POST .../branch/{name}`
+  (409 if it exists), `GET .../refs`.
+
+`hub.commits_log` lists `(repo_id, ref, sha, {path: "file"|"lfsFile"|"deleted"})` for every
+commit made over HTTP: which files a commit carried. `hub.fail(method, path_regex,
+status, times)` injects errors (e.g. a 500 on the commit endpoint mid-upload).
+
 Errors carry the `X-Error-Code` header the client maps to typed exceptions: `RepoNotFound`
 (`RepositoryNotFoundError`), `RevisionNotFound` (`RevisionNotFoundError`), `EntryNotFound`
 (`RemoteEntryNotFoundError`).
@@ -35,10 +62,12 @@ Run `python tests/hubserver.py DIR REPO_ID` to serve a folder as one commit on `
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import hashlib
 import json
 import re
+import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -131,8 +160,9 @@ class Repo:
     repo_type: str = "model"
     private: bool = False
     commits: dict[str, Commit] = field(default_factory=dict)
-    branches: dict[str, str] = field(default_factory=dict)
+    branches: dict[str, str] = field(default_factory=dict)  # also `refs/pr/N` of PRs
     tags: dict[str, str] = field(default_factory=dict)
+    prs: dict[int, dict[str, Any]] = field(default_factory=dict)  # num -> title, base, ...
 
     def resolve(self, revision: str) -> Commit | None:
         """The commit a branch, tag, full sha or unique sha prefix (>= 7 chars) points to."""
@@ -179,6 +209,14 @@ class HubError(Exception):
         self.headers = dict(headers or {})
 
 
+@dataclass
+class _Fault:
+    method: str
+    pattern: re.Pattern[str]
+    status: int
+    times: int | None
+
+
 class LocalHub:
     """An in-memory Hub served over HTTP on 127.0.0.1 (OS-chosen port) from a daemon thread.
 
@@ -200,6 +238,9 @@ class LocalHub:
         self.repos: dict[str, Repo] = {}
         self.datasets: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> bytes uploaded through LFS
+        self.commits_log: list[tuple[str, str, str, dict[str, str]]] = []
+        self.faults: list[_Fault] = []
         self.lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -323,6 +364,59 @@ class LocalHub:
             repo.tags[tag] = commit.sha
             return commit.sha
 
+    def fail(self, method: str, path_regex: str, status: int = 500, times: int | None = 1) -> None:
+        """Answer `status` to the next `times` (None: every) `method` requests whose path
+        (unquoted, no query) matches `path_regex`."""
+        with self.lock:
+            self.faults.append(_Fault(method, re.compile(path_regex), status, times))
+
+    def _take_fault(self, method: str, path: str) -> int | None:
+        with self.lock:
+            for fault in self.faults:
+                if fault.method == method and fault.pattern.search(path) and fault.times != 0:
+                    if fault.times is not None:
+                        fault.times -= 1
+                    return fault.status
+        return None
+
+    def gitattributes(self) -> bytes:
+        """The `.gitattributes` a new Hub repo starts with (its LFS name patterns)."""
+        lines = [f"{p} filter=lfs diff=lfs merge=lfs -text" for p in self.lfs_patterns]
+        return ("\n".join(lines) + "\n").encode()
+
+    def commit_on(
+        self,
+        repo: Repo,
+        ref: str,
+        changes: Mapping[str, bytes | None],
+        lfs_paths: Iterable[str],
+        message: str,
+    ) -> str:
+        """Apply `changes` (path -> bytes, None deletes) on top of `ref`'s head; return the sha."""
+        with self.lock:
+            parent_sha = repo.branches.get(ref)
+            parent = repo.commits[parent_sha] if parent_sha else None
+            files = dict(parent.files) if parent else {}
+            lfs = set(parent.lfs) if parent else set()
+            for path, data in changes.items():
+                if data is None:
+                    files.pop(path, None)
+                    lfs.discard(path)
+                else:
+                    files[path] = data
+                    lfs.discard(path)
+            lfs.update(p for p in lfs_paths if p in files)
+            sha = _commit_sha(parent_sha, message, files, lfs)
+            repo.commits[sha] = Commit(
+                sha=sha,
+                parent=parent_sha,
+                message=message,
+                files=MappingProxyType(files),
+                lfs=frozenset(lfs),
+            )
+            repo.branches[ref] = sha
+            return sha
+
     # -- lookups used by the handlers ---------------------------------------------------------
 
     def _repo(self, repo_id: str, repo_type: str = "model") -> Repo:
@@ -358,6 +452,18 @@ _REPO = r"(?P<repo>[^/]+(?:/[^/]+)?)"
 _API = r"/api/(?P<kind>models|datasets)"
 _FILE = r"^/(?:(?P<kind>datasets)/)?"
 _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
+    ("POST", re.compile(r"^/api/repos/create$"), "create_repo"),
+    ("POST", re.compile(r"^/api/validate-yaml$"), "validate_yaml"),
+    ("POST", re.compile(rf"^{_API}/{_REPO}/preupload/(?P<rev>[^/]+)$"), "preupload"),
+    ("POST", re.compile(rf"^{_API}/{_REPO}/commit/(?P<rev>[^/]+)$"), "commit"),
+    ("POST", re.compile(rf"^{_API}/{_REPO}/tag/(?P<rev>[^/]+)$"), "create_tag"),
+    ("POST", re.compile(rf"^{_API}/{_REPO}/branch/(?P<branch>[^/]+)$"), "create_branch"),
+    ("GET", re.compile(rf"^{_API}/{_REPO}/refs$"), "refs"),
+    ("POST", re.compile(rf"^{_API}/{_REPO}/discussions$"), "create_discussion"),
+    ("GET", re.compile(rf"^{_API}/{_REPO}/discussions/(?P<num>\d+)$"), "discussion"),
+    ("POST", re.compile(rf"{_FILE}{_REPO}\.git/info/lfs/objects/batch$"), "lfs_batch"),
+    ("PUT", re.compile(r"^/lfs-upload/(?P<oid>[0-9a-f]{64})$"), "lfs_upload"),
+    ("POST", re.compile(r"^/lfs-verify/(?P<oid>[0-9a-f]{64})$"), "lfs_verify"),
     ("GET", re.compile(rf"^{_API}/{_REPO}/revision/(?P<rev>[^/]+)$"), "model_info"),
     ("GET", re.compile(rf"^{_API}/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?$"), "tree"),
     ("GET", re.compile(rf"^{_API}/{_REPO}$"), "model_info"),
@@ -411,8 +517,13 @@ class _HubHandler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         with self.hub.lock:
             self.hub.requests.append((method, unquote(split.path)))
+        self.body = self._read_body()
         try:
-            self._check_auth()
+            status = self.hub._take_fault(method, unquote(split.path))
+            if status is not None:
+                raise HubError(status, f"injected failure: {method} {split.path}")
+            if not split.path.startswith("/lfs-upload/"):  # presigned: no Authorization
+                self._check_auth()
             handler, params = self._route(method, split.path)
             query = {k: v[-1] for k, v in parse_qs(split.query).items()}
             response = handler(params, query)
@@ -423,6 +534,27 @@ class _HubHandler(BaseHTTPRequestHandler):
             if e.code is not None:
                 response.headers["X-Error-Code"] = e.code
         self._send(response, head=method == "HEAD")
+
+    def _read_body(self) -> bytes:
+        """The request body: Content-Length or chunked transfer encoding."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _json_body(self) -> Any:
+        try:
+            return json.loads(self.body or b"{}")
+        except ValueError as e:
+            raise HubError(400, f"invalid JSON body: {e}") from None
 
     def _route(
         self, method: str, raw_path: str
@@ -560,6 +692,259 @@ class _HubHandler(BaseHTTPRequestHandler):
             return _Response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, b"", headers)
         headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
         return _Response(206, data[start : end + 1], headers)
+
+    # -- write API ------------------------------------------------------------------------------
+
+    def _url(self, repo: Repo) -> str:
+        prefix = "datasets/" if repo.repo_type == "dataset" else ""
+        return f"{self.hub.endpoint}/{prefix}{repo.repo_id}"
+
+    def _create_repo(self, params: dict[str, str], query: dict[str, str]) -> _Response:
+        """`HfApi.create_repo`: a new repo with an initial `.gitattributes` commit."""
+        body = self._json_body()
+        name, org = body.get("name"), body.get("organization")
+        repo_id = f"{org}/{name}" if org else name
+        repo_type = body.get("type") or "model"
+        store = self.hub._store(repo_type)
+        with self.hub.lock:
+            if repo_id in store:
+                message = "You already created this model repo"
+                response = _Response.json({"error": message, "url": self._url(store[repo_id])}, 409)
+                response.headers["X-Error-Message"] = message
+                return response
+            repo = self.hub.create_repo(
+                repo_id, private=body.get("visibility") == "private", repo_type=repo_type
+            )
+            self.hub.commit_on(
+                repo, "main", {".gitattributes": self.hub.gitattributes()}, (), "initial commit"
+            )
+        return _Response.json({"url": self._url(repo), "name": repo_id, "id": repo_id})
+
+    def _validate_yaml(self, params: dict[str, str], query: dict[str, str]) -> _Response:
+        """README.md metadata: the front matter must be a YAML mapping."""
+        import yaml
+
+        content = self._json_body().get("content", "")
+        m = re.match(r"^---\s*\n(.*?)\n---\s*\n", content, re.DOTALL)
+        errors = []
+        if m is not None:
+            try:
+                meta = yaml.safe_load(m.group(1))
+                if meta is not None and not isinstance(meta, dict):
+                    errors.append({"message": "metadata must be a YAML mapping"})
+            except yaml.YAMLError as e:
+                errors.append({"message": f"invalid YAML: {e}"})
+        if errors:
+            return _Response.json({"errors": errors, "warnings": []}, 400)
+        return _Response.json({"errors": [], "warnings": []})
+
+    def _preupload(self, params: dict[str, str], query: dict[str, str]) -> _Response:
+        """Upload mode per file (lfs/regular, never xet) and the oid already at `rev`."""
+        with self.hub.lock:
+            repo = self.hub._repo(params["repo"], _repo_type(params))
+            commit = repo.resolve(params["rev"])
+            if commit is None and repo.commits:
+                raise HubError(404, f"Invalid rev id: {params['rev']}", "RevisionNotFound")
+        files = []
+        for item in self._json_body().get("files", []):
+            path, size = item["path"], int(item["size"])
+            entry: dict[str, Any] = {
+                "path": path,
+                "uploadMode": "lfs" if self.hub.is_lfs(path, size) else "regular",
+                "shouldIgnore": False,
+            }
+            if commit is not None and path in commit.files:
+                data = commit.files[path]
+                lfs = path in commit.lfs
+                entry["oid"] = hashlib.sha256(data).hexdigest() if lfs else git_blob_sha1(data)
+            files.append(entry)
+        return _Response.json({"files": files, "commitOid": commit.sha if commit else None})
+
+    def _lfs_batch(self, params: dict[str, str], query: dict[str, str]) -> _Response:
+        """git-lfs batch API, `basic` transfer: upload + verify actions for missing objects."""
+        body = self._json_body()
+        with self.hub.lock:
+            self.hub._repo(params["repo"], _repo_type(params))
+        if body.get("operation") != "upload" or "basic" not in body.get("transfers", ["basic"]):
+            raise HubError(400, "only the basic upload transfer is supported")
+        objects = []
+        for obj in body.get("objects", []):
+            oid, size = obj["oid"], int(obj["size"])
+            item: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
+            if oid not in self.hub.lfs_objects:
+                sig = secrets.token_hex(8)
+                item["actions"] = {
+                    "upload": {"href": f"{self.hub.endpoint}/lfs-upload/{oid}?sig={sig}"},
+                    "verify": {"href": f"{self.hub.endpoint}/lfs-verify/{oid}"},
+                }
+            objects.append(item)
+        response = _Response.json({"transfer": "basic", "objects": objects})
+        response.headers["Content-Type"] = "application/vnd.git-lfs+json"
+        return response
+
+    def _lfs_upload(self, params: dict[str, str], query: dict[str, str]) -> _Response:
+        """The PUT to the presigned URL: the bytes must hash to the oid."""
+        oid = params["oid"]
+        if hashlib.sha256(self.body).hexdigest() != oid:
+            raise HubError(400, f"uploaded bytes do not match sha256 {oid}")
+        with self.hub.lock:
+            self.hub.lfs_objects[oid] = self.body
+        return _Response(200, b"", {"ETag": f'"{oid[:32]}"'})
+
+    def _lfs_verify(self, params: dict[str, str], query: dict[str, str]) -> _Response:
+        body = self._json_body()
+        data = self.hub.lfs_objects.get(params["oid"])
+        if data is None or len(data) != int(body.get("size", -1)):
+            raise HubError(404, f"LFS object {params['oid']} not found")
+        return _Response.json({"success": True})
+
+    def _commit(self, params: dict[str, str], query: dict[str, str]) -> _Response:
+        """The ndjson commit: header, file (base64), lfsFile, deletedFile, deletedFolder."""
+        lines = [json.loads(line) for line in self.body.splitlines() if line.strip()]
+        if not lines or lines[0].get("key") != "header":
+            raise HubError(400, "commit payload must start with a header line")
+        header = lines[0]["value"]
+        summary = header.get("summary") or ""
+        if not summary:
+            raise HubError(400, "commit summary is empty")
+        message = summary + (f"\n\n{header['description']}" if header.get("description") else "")
+        changes: dict[str, bytes | None] = {}
+        kinds: dict[str, str] = {}
+        lfs_paths: list[str] = []
+        with self.hub.lock:
+            repo = self.hub._repo(params["repo"], _repo_type(params))
+            ref = params["rev"]
+            create_pr = query.get("create_pr") in ("1", "true")
+            if ref not in repo.branches:
+                raise HubError(404, f"Invalid rev id: {ref}", "RevisionNotFound")
+            head = repo.commits[repo.branches[ref]]
+            parent = header.get("parentCommit")
+            if parent is not None and not create_pr and not head.sha.startswith(parent):
+                raise HubError(412, f"parent commit {parent} is not the head of {ref}")
+            for line in lines[1:]:
+                key, value = line.get("key"), line.get("value", {})
+                path = value.get("path", "")
+                if key == "file":
+                    if value.get("encoding") != "base64":
+                        raise HubError(400, f"{path}: only base64 content is supported")
+                    changes[path] = base64.b64decode(value["content"])
+                    kinds[path] = "file"
+                elif key == "lfsFile":
+                    data = self.hub.lfs_objects.get(value.get("oid", ""))
+                    if data is None:
+                        oid = value.get("oid")
+                        raise HubError(422, f"{path}: LFS object {oid} was not uploaded")
+                    changes[path] = data
+                    kinds[path] = "lfsFile"
+                    lfs_paths.append(path)
+                elif key == "deletedFile":
+                    if path not in head.files:
+                        raise HubError(404, f"A file with this name doesn't exist: {path}")
+                    changes[path] = None
+                    kinds[path] = "deleted"
+                elif key == "deletedFolder":
+                    prefix = path.rstrip("/") + "/"
+                    for p in head.files:
+                        if p.startswith(prefix):
+                            changes[p] = None
+                            kinds[p] = "deleted"
+                else:
+                    raise HubError(400, f"unsupported commit operation {key!r}")
+            pr_url = None
+            if create_pr:
+                num = self._open_pr(repo, summary, base=ref)
+                ref = f"refs/pr/{num}"
+                pr_url = f"{self._url(repo)}/discussions/{num}"
+            sha = self.hub.commit_on(repo, ref, changes, lfs_paths, message)
+            self.hub.commits_log.append((repo.repo_id, ref, sha, kinds))
+        return _Response.json(
+            {
+                "success": True,
+                "commitOid": sha,
+                "commitUrl": f"{self._url(repo)}/commit/{sha}",
+                "pullRequestUrl": pr_url,
+            }
+        )
+
+    def _open_pr(self, repo: Repo, title: str, base: str = "main") -> int:
+        """A new PR: `refs/pr/N` starts at the head of `base`."""
+        num = max([*repo.prs, 0]) + 1
+        repo.prs[num] = {"title": title, "base": base, "status": "open"}
+        repo.branches[f"refs/pr/{num}"] = repo.branches[base]
+        return num
+
+    def _create_discussion(self, params: dict[str, str], query: dict[str, str]) -> _Response:
+        body = self._json_body()
+        if not body.get("pullRequest"):
+            raise HubError(400, "LocalHub only supports pull requests as discussions")
+        with self.hub.lock:
+            repo = self.hub._repo(params["repo"], _repo_type(params))
+            num = self._open_pr(repo, body.get("title", ""))
+        return _Response.json({"num": num, "pullRequest": True, "url": f"{self._url(repo)}"})
+
+    def _discussion(self, params: dict[str, str], query: dict[str, str]) -> _Response:
+        with self.hub.lock:
+            repo = self.hub._repo(params["repo"], _repo_type(params))
+            pr = repo.prs.get(int(params["num"]))
+            if pr is None:
+                raise HubError(404, f"Discussion {params['num']} not found")
+        created = "2025-01-01T00:00:00.000Z"
+        return _Response.json(
+            {
+                "title": pr["title"],
+                "num": int(params["num"]),
+                "author": {"name": "tester"},
+                "createdAt": created,
+                "status": pr["status"],
+                "repo": {"name": repo.repo_id, "type": repo.repo_type},
+                "isPullRequest": True,
+                "events": [],
+                "changes": {"base": f"refs/heads/{pr['base']}"},
+                "filesWithConflicts": [],
+            }
+        )
+
+    def _create_tag(self, params: dict[str, str], query: dict[str, str]) -> _Response:
+        tag = self._json_body().get("tag")
+        with self.hub.lock:
+            repo, commit = self.hub._commit(params["repo"], params["rev"], _repo_type(params))
+            if not tag:
+                raise HubError(400, "tag name missing")
+            if tag in repo.tags:
+                raise HubError(409, f"Tag {tag} already exists")
+            repo.tags[tag] = commit.sha
+        return _Response.json({"success": True})
+
+    def _create_branch(self, params: dict[str, str], query: dict[str, str]) -> _Response:
+        body = self._json_body()
+        with self.hub.lock:
+            repo = self.hub._repo(params["repo"], _repo_type(params))
+            branch = params["branch"]
+            if branch in repo.branches:
+                raise HubError(409, f"Branch {branch} already exists")
+            start = repo.resolve(body.get("startingPoint") or "main")
+            if start is None:
+                raise HubError(404, "Invalid starting point", "RevisionNotFound")
+            repo.branches[branch] = start.sha
+        return _Response.json({"success": True})
+
+    def _refs(self, params: dict[str, str], query: dict[str, str]) -> _Response:
+        with self.hub.lock:
+            repo = self.hub._repo(params["repo"], _repo_type(params))
+
+            def ref(name: str, full: str, sha: str) -> dict[str, str]:
+                return {"name": name, "ref": full, "targetCommit": sha}
+
+            branches = [
+                ref(b, f"refs/heads/{b}", sha)
+                for b, sha in repo.branches.items()
+                if not b.startswith("refs/pr/")
+            ]
+            prs = [ref(b, b, sha) for b, sha in repo.branches.items() if b.startswith("refs/pr/")]
+            tags = [ref(t, f"refs/tags/{t}", sha) for t, sha in repo.tags.items()]
+        return _Response.json(
+            {"branches": branches, "converts": [], "tags": tags, "pullRequests": prs}
+        )
 
 
 def _parse_range(header: str, size: int) -> tuple[int | None, int]:

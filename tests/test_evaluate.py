@@ -311,6 +311,7 @@ def test_reference_stage_reads_only_eval_params():
         assert other not in deps.replace("paths.original", "")
 
 
+@pytest.mark.slow
 def test_tier_experiment_does_not_rerun_reference(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     run(["dvc", "repro", "reference"], repo)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import copy_repo, run
@@ -66,21 +68,46 @@ def test_repro_builds_a_loadable_model(reproduced):
     assert model.model.layers[0].mlp.experts.gate_proj.bits == 3
 
 
+def _files(receipt: dict) -> dict[str, str]:
+    return {f["path"]: f["sha256"] for f in receipt["files"]}
+
+
 def test_exp_run_experts_4_reruns_only_the_experts_tier_onward(reproduced):
-    repo, _ = reproduced
-    proc = run(["dvc", "exp", "run", "-S", "tiers.experts=4"], repo)
-    ran = _ran(proc.stdout)
-    assert {"quantize@experts", "assemble", "benchmark@model"} <= ran
-    assert not ran & (UPSTREAM | OTHER_TIERS | {"reference", "benchmark@original"}), ran
+    """Also: the card and the dry-run receipt follow the experiment, and the original's
+    benchmark and the reference stay cached."""
+    from huggingface_hub import ModelCard
     from mlx_lm import load
 
+    repo, first = reproduced
+    assert {"card", "publish"} <= _ran(first.stdout)
+    card_path = repo / "data" / "card" / "README.md"
+    base_card = card_path.read_text()
+    base = json.loads((repo / "data" / "publish.json").read_text())
+    assert base["status"] == "dry-run" and base["commit"] is None
+    assert base["source"]["git_dirty"] is False  # the pipeline's own outputs do not count
+    assert "Quality gate: passed" in base_card and "| experts | 3-bit g64 |" in base_card
+    assert ModelCard.load(card_path).data.library_name == "mlx"
+
+    proc = run(["dvc", "exp", "run", "-S", "tiers.experts=4"], repo)
+    ran = _ran(proc.stdout)
+    assert {"quantize@experts", "assemble", "validate", "benchmark@model", "card", "publish"} <= ran
+    assert not ran & (UPSTREAM | OTHER_TIERS | {"reference", "benchmark@original"}), ran
     model, _ = load(str(repo / "data" / "model"))
     assert model.model.layers[0].mlp.experts.gate_proj.bits == 4
+
+    card = card_path.read_text()
+    assert "| experts | 4-bit g64 |" in card and "| `tiers.experts` | `4` | `3` |" in card
+    assert "dvc exp run -S tiers.experts=4" in card
+    receipt = json.loads((repo / "data" / "publish.json").read_text())
+    assert receipt["status"] == "dry-run"
+    changed = {p for p, h in _files(receipt).items() if _files(base).get(p) != h}
+    assert {"README.md", "config.json"} <= changed and "tokenizer.json" not in changed
+    assert receipt["source"]["params_hash"] != base["source"]["params_hash"]
 
 
 def test_exp_run_attention_6_reruns_only_the_attention_tier_onward(reproduced):
     repo, _ = reproduced
-    proc = run(["dvc", "exp", "run", "-S", "tiers.attention=6"], repo)
+    proc = run(["dvc", "exp", "run", "-S", "tiers.attention=6", "assemble"], repo)
     ran = _ran(proc.stdout)
     assert {"quantize@attention", "assemble"} <= ran
     # experts goes back to 3 bits (Hydra recomposes conf/): restored from the run-cache.

@@ -338,13 +338,13 @@ def test_recipes_compose_with_matching_tiers():
 
 def test_stages_run_and_bad_overrides_exit_cleanly(tiny_original, tmp_path):
     paths = [f"paths.original={tiny_original}", f"paths.plan={tmp_path / 'plan'}"]
-    predict_path = f"paths.predict={tmp_path / 'predict'}"
+    predict_path = f"paths.predict={tmp_path / 'predicted_size.json'}"
     proc = run_stage("plan", *paths)
     assert proc.returncode == 0, proc.stderr
     proc = run_stage("predict", *paths, predict_path)
     assert proc.returncode == 0, proc.stderr
     assert "total" in proc.stdout and "experts" in proc.stdout
-    report = json.loads((tmp_path / "predict" / "size.json").read_text())
+    report = json.loads((tmp_path / "predicted_size.json").read_text())
     assert set(report["tiers"]) == {"control", "sensitive", "attention", "experts"}
 
     for stage, override, named in [

@@ -10,6 +10,7 @@ tensor (or one slice), never a shard or a model.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -158,6 +159,8 @@ class Checkpoint:
             shards = sorted(p.name for p in self.root.glob("*.safetensors"))
             if not shards:
                 raise TierquantError(f"{self.root}: no *.safetensors files and no {INDEX_NAME}")
+        # Every header first, so a tensor held twice is reported as such (not as an
+        # index mismatch, which is what the first copy of it looks like).
         for shard in shards:
             infos, _ = read_header(self.root / shard)
             for name, info in infos.items():
@@ -166,20 +169,27 @@ class Checkpoint:
                         f"tensor {name!r} appears in both {self.tensors[name].path.name} and "
                         f"{shard} under {self.root}; a checkpoint must hold each tensor once"
                     )
-                if self.index is not None and self.index.get(name) != shard:
-                    where = self.index.get(name)
-                    raise TierquantError(
-                        f"{index_path}: tensor {name!r} is in {shard} but the index "
-                        + (f"maps it to {where}" if where else "does not list it")
-                    )
                 self.tensors[name] = info
         if self.index is not None:
+            for name, info in self.tensors.items():
+                if self.index.get(name) != info.path.name:
+                    where = self.index.get(name)
+                    raise TierquantError(
+                        f"{index_path}: tensor {name!r} is in {info.path.name} but the index "
+                        + (f"maps it to {where}" if where else "does not list it")
+                    )
             missing = sorted(set(self.index) - set(self.tensors))
             if missing:
                 raise TierquantError(
                     f"{index_path}: lists {len(missing)} tensor(s) not found in their shard, "
                     f"first {missing[0]!r} (expected in {self.index[missing[0]]})"
                 )
+        stray = sorted(p.name for p in self.root.glob("*.safetensors") if p.name not in shards)
+        if stray:
+            raise TierquantError(
+                f"{self.root / stray[0]}: not named by {INDEX_NAME}, but loaders that "
+                "read every *.safetensors file (mlx-lm) would load it; remove it"
+            )
         self._files: dict[Path, BinaryIO] = {}
 
     @property
@@ -414,20 +424,49 @@ def atomic_output(path: Path, *, is_dir: bool = True) -> Iterator[Path]:
     edited in place: DVC may have hardlinked the old ones into its cache.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"
-    _remove(tmp)  # left over by a killed run
-    if is_dir:
-        tmp.mkdir()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)  # left over by a killed run
+        if is_dir:
+            tmp.mkdir()
         yield tmp
         if is_dir:
             _fsync_tree(tmp)
         _remove(path)
         os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
+    except BaseException as e:
+        what = _write_failure(e, path.parent) if isinstance(e, OSError) else None
+        with contextlib.suppress(OSError):
+            _remove(tmp)
+        if what:
+            raise TierquantError(
+                f"{path}: {what} while writing it; the partial output ({tmp.name}) was "
+                "removed and any previous output is kept. Free space (or fix the "
+                "filesystem) and rerun."
+            ) from e
         raise
+
+
+# Errors that can only come from writing the output: reported with the output's path.
+WRITE_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded (no space left for this user)",
+    errno.EFBIG: "file too large for the filesystem",
+    errno.EROFS: "read-only filesystem",
+}
+
+
+def _write_failure(e: OSError, where: Path) -> str | None:
+    """What a write error means, or None if it is not one. numpy's `tofile` (np.save)
+    reports a short write without an errno: a full filesystem is then the cause."""
+    if e.errno in WRITE_ERRNOS:
+        return WRITE_ERRNOS[e.errno]
+    if e.errno is None and "written" in str(e):
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(where).free < 1 << 20:
+                return WRITE_ERRNOS[errno.ENOSPC]
+    return None
 
 
 def _fsync_tree(root: Path) -> None:

@@ -78,7 +78,7 @@ class PathsConfig:
     original: str = "data/original"
     float: str = "data/float"
     plan: str = "data/plan"
-    predict: str = "data/predict"
+    predict: str = "metrics/predicted_size.json"
     quantized: str = "data/quantized"  # one folder per tier
     model: str = "data/model"
     size_metrics: str = "metrics/size.json"
@@ -87,6 +87,8 @@ class PathsConfig:
     validate: str = "metrics/validate.json"
     machine: str = "data/machine.json"
     benchmark: str = "data/benchmark"
+    card: str = "data/card"  # holds README.md
+    publish: str = "data/publish.json"
 
 
 @dataclass
@@ -190,6 +192,24 @@ class BenchmarkConfig:
 
 
 @dataclass
+class PublishConfig:
+    """Where and how tierquant.publish pushes data/model + the card (dry run by default).
+
+    `repo_id` null means `<namespace>/<model.name>-tierquant-<recipe.name>`. `create_pr`
+    opens a pull request against main (so `revision` must stay main); `tag` tags the
+    published commit. `push` false writes only the dry-run receipt.
+    """
+
+    repo_id: str | None = None
+    namespace: str | None = None
+    revision: str = "main"
+    private: bool = False
+    create_pr: bool = False
+    tag: str | None = None
+    push: bool = False
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -201,6 +221,7 @@ class Config:
     # parsed by tierquant.recipe.parse_tiers (Config.precisions()).
     tiers: dict[str, Any] = field(default_factory=dict)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
 
     def precisions(self) -> dict[str, Precision]:
         """`tiers` parsed: tier name -> tierquant.recipe.Precision, in order."""

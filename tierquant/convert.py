@@ -113,13 +113,15 @@ def _convert_experts(
     for e in range(shape.num_local_experts):
         blocks = src.read_rows(f"{hf}.gate_up_proj_blocks", e, e + 1)[0]
         scales = src.read_rows(gate_up_scales, e, e + 1)[0]
-        dequantize_to_bf16_bits(blocks[0::2], scales[0::2], out=gate, name=gate_up_scales)
-        dequantize_to_bf16_bits(blocks[1::2], scales[1::2], out=up, name=gate_up_scales)
+        # Errors name the expert and which interleaved rows (gate: even, up: odd).
+        where = f"{gate_up_scales} (expert {e}, %s rows of gate_up)"
+        dequantize_to_bf16_bits(blocks[0::2], scales[0::2], out=gate, name=where % "even")
+        dequantize_to_bf16_bits(blocks[1::2], scales[1::2], out=up, name=where % "odd")
         writer.write(f"{out}.gate_proj.weight", gate)
         writer.write(f"{out}.up_proj.weight", up)
         blocks = src.read_rows(f"{hf}.down_proj_blocks", e, e + 1)[0]
         scales = src.read_rows(down_scales, e, e + 1)[0]
-        dequantize_to_bf16_bits(blocks, scales, out=down, name=down_scales)
+        dequantize_to_bf16_bits(blocks, scales, out=down, name=f"{down_scales} (expert {e})")
         writer.write(f"{out}.down_proj.weight", down)
         bar.update(gate.nbytes + up.nbytes + down.nbytes)
     bias = src.read(f"{hf}.gate_up_proj_bias")

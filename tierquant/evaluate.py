@@ -153,6 +153,9 @@ def tokenize(text: str, model_dir: Path) -> list[int]:
     """Token ids of `text` with the model's own tokenizer (no BOS/special tokens added)."""
     from transformers import AutoTokenizer
 
+    from .gptoss import verify_side_files
+
+    verify_side_files(Path(model_dir))  # a broken tokenizer file is named, not a traceback
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     return list(tok.encode(text, add_special_tokens=False))
 
@@ -280,7 +283,10 @@ def load_reference(path: Path) -> Reference:
         f = path / f"{name}.npy"
         if not f.is_file():
             raise TierquantError(f"{f}: missing; rerun the reference stage")
-        arrays[name] = np.load(f)
+        try:
+            arrays[name] = np.load(f)
+        except (ValueError, EOFError) as e:  # truncated or not an .npy file
+            raise TierquantError(f"{f}: unreadable ({e}); rerun the reference stage") from e
     return Reference(meta=meta, **arrays)
 
 

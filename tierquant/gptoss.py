@@ -129,13 +129,48 @@ def hf_tensor_specs(shape: GptOssShape) -> list[TensorSpec]:
     return specs
 
 
+# JSON files that travel with the weights; each must parse (as an object) where present.
+JSON_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def verify_side_files(root: Path) -> None:
+    """Each JSON side file present parses as an object and tokenizer.json loads as a
+    tokenizer (with the `tokenizers` library, which mlx-lm's loader uses), naming the file
+    that does not: better at download than in the reference or benchmark stage."""
+    from .checkpoint import read_json
+
+    for name in JSON_SIDE_FILES:
+        path = Path(root) / name
+        if path.is_file() and not isinstance(read_json(path), dict):
+            raise TierquantError(f"{path}: is not a JSON object")
+    path = Path(root) / "tokenizer.json"
+    if not path.is_file():
+        return
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:  # pragma: no cover - installed with mlx-lm
+        return
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust parser raises a bare Exception
+        raise TierquantError(f"{path}: does not load as a tokenizer ({e})") from e
+
+
 def verify_original(root: Path) -> Checkpoint:
     """Check a downloaded/synthesized original checkpoint against its config.json.
 
     Every shard named by the index exists, every header parses, and every tensor the
-    config implies is present with the right shape and dtype (and nothing else).
+    config implies is present with the right shape and dtype (and nothing else); the
+    JSON side files and the tokenizer parse (`verify_side_files`).
     """
     root = Path(root)
+    verify_side_files(root)
     ckpt = Checkpoint(root)
     config_path = root / "config.json"
     shape = GptOssShape.from_config(ckpt.config, str(config_path))

@@ -10,7 +10,7 @@ uint32 `weight`, E8M0 bytes its `scales` — a lossless repack, no requantizatio
 Output: `<out>/` holds `<tier>-0000N-of-0000M.safetensors` shards in mlx-lm names
 (`<module>.weight`/`.scales`/`.biases`) and `manifest.json` recording, per module,
 bits, group size, mode, its tensors and the quantization error (relative RMSE of the
-dequantized weight against the bf16 one).
+dequantized weight against the bf16 one, measured on every 16th row).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SLICE_BYTES = 64 << 20  # bf16 input per mx.quantize call
+ERROR_ROW_STRIDE = 16  # quantization error measured on every 16th row
 
 
 def quantized_specs(weight: Weight, precision: Precision) -> list[TensorSpec]:
@@ -167,7 +168,8 @@ def quantize_tier(
             "tensors": {s.name: writer.weight_map[s.name] for s in specs},
         }
         shard_names = writer.shard_names
-    (out_dir / MANIFEST).write_bytes(json_bytes(manifest))
+        # Inside atomic_output: the tier directory appears with its manifest or not at all.
+        (tmp / MANIFEST).write_bytes(json_bytes(manifest))
     log.info("wrote %s: %d shard(s), %.2f MB", out_dir, len(shard_names), manifest["bytes"] / 1e6)
     return manifest
 
@@ -203,17 +205,24 @@ def _copy(src: Checkpoint, writer: ShardedWriter, name: str, bar: tqdm) -> None:
 def _quantize_affine(
     src: Checkpoint, writer: ShardedWriter, w: Weight, precision: Precision, bar: tqdm
 ) -> float:
-    """mx.quantize slice by slice; return the relative RMSE of the whole tensor."""
+    """mx.quantize slice by slice; return the relative RMSE of the whole tensor.
+
+    The error is measured on every ERROR_ROW_STRIDE-th row (of every expert): exact
+    for those rows, an estimate for the tensor, at a fraction of the cost of
+    dequantizing everything (which would make this stage about 4x slower).
+    """
     info = src.info(w.name)
     err_sq = 0.0
     ref_sq = 0.0
     module = w.module
+    g, bits = precision.group_size, precision.bits
     for start, stop in _slices(info.shape[0], info.row_bytes):
         raw = src.read_rows(w.name, start, stop)
         x = mx.array(raw).view(mx.bfloat16)
-        wq, scales, biases = mx.quantize(x, group_size=precision.group_size, bits=precision.bits)
-        dq = mx.dequantize(wq, scales, biases, group_size=precision.group_size, bits=precision.bits)
-        x32 = x.astype(mx.float32)
+        wq, scales, biases = mx.quantize(x, group_size=g, bits=bits)
+        sample = (..., slice(None, None, ERROR_ROW_STRIDE), slice(None))
+        dq = mx.dequantize(wq[sample], scales[sample], biases[sample], group_size=g, bits=bits)
+        x32 = x[sample].astype(mx.float32)
         diff = dq.astype(mx.float32) - x32
         e, r = mx.sum(diff * diff), mx.sum(x32 * x32)
         mx.eval(wq, scales, biases, e, r)

@@ -4,13 +4,16 @@ A stage script is `stage_main(library_function)`. Hydra reads params.yaml (never
 conf/, so `dvc exp run -S` overrides apply) with quiet settings: no outputs/ folder,
 no log file, logs on stdout. `key=value` overrides work when run by hand. Expected
 failures (TierquantError, an unknown key, a wrong type) print one clear line and exit
-non-zero without a traceback.
+non-zero without a traceback; so does an OSError (a full disk, a permission, an I/O
+error: the machine's fault, not the code's), naming its file and errno.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +39,7 @@ def stage_main(run: Callable[..., object], stage_args: tuple[str, ...] = ()) -> 
     """
 
     def main() -> None:
+        started = time.perf_counter()
         import hydra
         from omegaconf import DictConfig
 
@@ -60,12 +64,36 @@ def stage_main(run: Callable[..., object], stage_args: tuple[str, ...] = ()) -> 
             try:
                 config = validate(cfg)
                 run(config, **kwargs)
+                # bench/pipeline.py sums these to tell stage time from DVC's own time.
+                log.info(
+                    "stage %s finished in %.2f s",
+                    _stage_label(kwargs),
+                    time.perf_counter() - started,
+                )
             except TierquantError as e:
                 log.error("%s", e)
                 print(f"error: {e}", file=sys.stderr)
+                sys.exit(1)
+            except OSError as e:  # the machine, not the code: full disk, permissions, I/O
+                log.error("%s", os_error_message(e))
+                print(f"error: {os_error_message(e)}", file=sys.stderr)
                 sys.exit(1)
 
         _hydra_main()
 
     main.__doc__ = run.__doc__
     return main
+
+
+def _stage_label(kwargs: dict[str, str]) -> str:
+    """`quantize@experts`, `benchmark@model`: the DVC stage name, from the command line."""
+    positional = [a for a in sys.argv[1:] if "=" not in a and not a.startswith("-")]
+    return "@".join([Path(sys.argv[0]).stem, *kwargs.values(), *positional])
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: the file(s) it names, what went wrong, the errno name."""
+    where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    what = e.strerror or str(e) or type(e).__name__
+    code = f" [{errno.errorcode[e.errno]}]" if e.errno in errno.errorcode else ""
+    return f"{where}: {what}{code}" if where else f"{what}{code}"

@@ -9,11 +9,10 @@ file) BEFORE the gate raises, so a failed run can be inspected with `dvc metrics
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import write_json
+from .checkpoint import atomic_output, write_json
 from .config import Config, ValidateConfig
 from .errors import TierquantError
 from .evaluate import quality_metrics
@@ -51,12 +50,10 @@ def gate_failures(metrics: dict[str, float], thresholds: ValidateConfig) -> list
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    """Write the metrics JSON as a fresh file (temporary + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write_json(tmp, metrics)
-    os.replace(tmp, path)
+    """Write the metrics JSON as a fresh file (temporary + rename: atomic_output, which
+    also removes the temporary and names the file if the disk is full)."""
+    with atomic_output(Path(path), is_dir=False) as tmp:
+        write_json(tmp, metrics)
 
 
 # --- the validate stage -----------------------------------------------------------------------

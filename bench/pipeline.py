@@ -1,0 +1,239 @@
+"""The whole pipeline at gpt-oss-120b widths, against doing the same work with mlx-lm.
+
+For each depth N, on a synthetic checkpoint with gpt-oss-120b's full widths (hidden
+2880, 128 experts, vocab 201088) in a fresh clone of this repo, in one invocation:
+
+  ours       `dvc repro validate`: download (synthesize) → convert → plan → predict →
+             quantize@tiers → assemble → reference → validate (benchmarks off)
+  mlx-lm     `mlx_lm.convert --dequantize`, then `mlx_lm.convert -q` with the same
+             per-module bits as our seed recipe (a quant predicate built from our plan)
+  experts=4  `dvc exp run -S tiers.experts=4 validate` after the full run
+  attn=6     `dvc exp run -S tiers.attention=6 validate`
+  no-op      `dvc repro validate` with nothing changed
+
+and prints per step: wall time, peak RSS of the whole process tree (sampled every
+20 ms), bytes written (kernel write accounting of the process tree) and the share of
+wall time DVC spends itself (hashing, checkout, locks: wall time minus the stages'
+own, which every stage logs), with ratios and the targets from the issue beside them.
+
+    python bench/pipeline.py --layers 2 3 --workdir /big/scratch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from common import VENV_BIN, Measured, copy_checkout, dir_bytes, gb, run_measured
+
+PY = sys.executable
+STAGE_TIME = re.compile(r"stage (\S+) finished in ([0-9.]+) s")
+
+MLX_QUANTIZE = """
+import sys
+from pathlib import Path
+from mlx_lm.convert import convert
+from tierquant.config import compose, validate
+from tierquant.gptoss import shape_of_checkpoint
+from tierquant.plan import plan_tiers
+
+float_dir, out = sys.argv[1], sys.argv[2]
+config = validate(compose())  # run inside the clone: its conf/ (model=wide, N layers)
+precisions = config.precisions()
+tiers = plan_tiers(shape_of_checkpoint(Path(float_dir)), config.recipe)
+bits = {w.module: precisions[t].quantization() for t, ws in tiers.items() for w in ws
+        if w.is_matrix}
+convert(float_dir, out, quantize=True, q_group_size=config.quant.group_size,
+        quant_predicate=lambda path, module, *rest: bits.get(path) or False)
+"""
+
+
+def stage_seconds(output: str) -> float:
+    return sum(float(m.group(2)) for m in STAGE_TIME.finditer(output))
+
+
+def step_row(name: str, m: Measured) -> dict:
+    stages = stage_seconds(m.output)
+    return {
+        "step": name,
+        "wall_s": m.wall_s,
+        "peak_rss": m.peak_rss,
+        "bytes_written": m.bytes_written,
+        "stage_s": stages,
+        "dvc_share": max(0.0, 1 - stages / m.wall_s) if stages else None,
+        "ran": sorted({stage for stage, _ in STAGE_TIME.findall(m.output)}),
+    }
+
+
+def prepare_clone(work: Path, model: str, layers: int) -> Path:
+    repo = copy_checkout(work / f"repo-{layers}L")
+    conf = repo / "conf" / "config.yaml"
+    conf.write_text(conf.read_text().replace("- model: tiny", f"- model: {model}", 1))
+    model_conf = repo / "conf" / "model" / f"{model}.yaml"
+    model_conf.write_text(
+        re.sub(
+            r"num_hidden_layers: \d+",
+            f"num_hidden_layers: {layers}",
+            model_conf.read_text(),
+            count=1,
+        )
+    )
+    run_measured([PY, "-m", "tierquant.config", "--write"], cwd=repo)
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    run_measured([*git, "commit", "-qam", f"{model}, {layers} layers", "--allow-empty"], cwd=repo)
+    return repo
+
+
+def bench_depth(work: Path, model: str, layers: int) -> dict:
+    repo = prepare_clone(work, model, layers)
+    dvc = str(VENV_BIN / "dvc")
+    rows = []
+    print(f"\n== model {model}, {layers} layer(s) ==", flush=True)
+    steps = [
+        ("ours: dvc repro", [dvc, "repro", "validate"]),
+        ("experts=4", [dvc, "exp", "run", "-S", "tiers.experts=4", "validate"]),
+        ("attention=6", [dvc, "exp", "run", "-S", "tiers.attention=6", "validate"]),
+        ("no-op repro", [dvc, "repro", "validate"]),
+    ]
+    for name, cmd in steps:
+        m = run_measured(cmd, cwd=repo)
+        rows.append(step_row(name, m))
+        print(_fmt(rows[-1]), flush=True)
+        times = ", ".join(f"{s} {float(t):.1f}" for s, t in STAGE_TIME.findall(m.output))
+        print(f"   stages (s): {times or 'none ran'}", flush=True)
+        if name == "ours: dvc repro":
+            sizes = {p: dir_bytes(repo / "data" / p) for p in ("original", "float", "model")}
+            sizes["quantized"] = dir_bytes(repo / "data" / "quantized")
+            sizes["dvc cache"] = dir_bytes(repo / ".dvc" / "cache")
+            print(
+                "   disk (apparent sizes; links counted once per path): "
+                + ", ".join(f"{k} {gb(v)}" for k, v in sizes.items()),
+                flush=True,
+            )
+            links = _shared_inodes(repo)
+            print(
+                f"   data/model shards sharing an inode with a data/quantized shard: "
+                f"{links[0]}/{links[1]}",
+                flush=True,
+            )
+    original = repo / "data" / "original"
+    mlx_float, mlx_model = work / f"mlx-float-{layers}L", work / f"mlx-model-{layers}L"
+    m1 = run_measured(
+        [
+            str(VENV_BIN / "mlx_lm.convert"),
+            "--hf-path",
+            str(original),
+            "--mlx-path",
+            str(mlx_float),
+            "--dequantize",
+        ],
+        cwd=repo,
+    )
+    m2 = run_measured([PY, "-c", MLX_QUANTIZE, str(mlx_float), str(mlx_model)], cwd=repo)
+    mlx = Measured(
+        m1.wall_s + m2.wall_s,
+        max(m1.peak_rss, m2.peak_rss),
+        0,
+        "",
+        m1.bytes_written + m2.bytes_written,
+    )
+    rows.append(step_row("mlx-lm: convert -d, -q", mlx))
+    rows[-1]["dvc_share"] = None
+    print(_fmt(rows[-1]), flush=True)
+    print(
+        f"   mlx-lm: convert -d {m1.wall_s:.1f} s (peak {gb(m1.peak_rss)}), "
+        f"convert -q {m2.wall_s:.1f} s (peak {gb(m2.peak_rss)})",
+        flush=True,
+    )
+    shutil.rmtree(mlx_float)
+    shutil.rmtree(mlx_model)
+    shutil.rmtree(repo)
+    return {"layers": layers, "steps": rows}
+
+
+def _shared_inodes(repo: Path) -> tuple[int, int]:
+    tier_inodes = {p.stat().st_ino for p in (repo / "data" / "quantized").rglob("*.safetensors")}
+    model = list((repo / "data" / "model").glob("*.safetensors"))
+    return sum(p.stat().st_ino in tier_inodes for p in model), len(model)
+
+
+def _fmt(row: dict) -> str:
+    share = f"{100 * row['dvc_share']:4.0f}%" if row["dvc_share"] is not None else "   -"
+    return (
+        f"{row['step']:>24}: {row['wall_s']:7.1f} s  peak RSS {gb(row['peak_rss']):>9}  "
+        f"written {gb(row['bytes_written']):>9}  DVC share {share}"
+    )
+
+
+def summary(result: dict) -> None:
+    steps = {r["step"]: r for r in result["steps"]}
+    ours, mlx = steps["ours: dvc repro"], steps["mlx-lm: convert -d, -q"]
+    print(f"\n-- {result['layers']} layer(s): ratios and targets --")
+    checks = [
+        ("full pipeline wall / mlx-lm path", ours["wall_s"] / mlx["wall_s"], 1.0),
+        ("peak RSS / mlx-lm path", ours["peak_rss"] / mlx["peak_rss"], 0.25),
+        ("experts=4 wall / full run", steps["experts=4"]["wall_s"] / ours["wall_s"], 0.7),
+        ("attention=6 wall / full run", steps["attention=6"]["wall_s"] / ours["wall_s"], 0.2),
+    ]
+    for label, value, target in checks:
+        verdict = "met" if value <= target else "MISSED"
+        print(f"   {label:<34} {value:6.2f}  (target ≤ {target})  {verdict}")
+    noop = steps["no-op repro"]["wall_s"]
+    print(
+        f"   {'no-op dvc repro':<34} {noop:6.1f} s (target ≤ 5 s)  "
+        f"{'met' if noop <= 5 else 'MISSED'}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=[2, 3],
+        help="depths to run (≥ 2: mlx-lm's gpt_oss needs both layer types)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="scratch folder on the disk to measure (needs ~60 GB at 3 layers)",
+    )
+    parser.add_argument(
+        "--model",
+        default="wide",
+        help="conf/model entry: wide (120b widths, default) or tiny (smoke test)",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="tq-bench-pipeline-", dir=args.workdir))
+    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}")
+    results = []
+    try:
+        for layers in args.layers:
+            results.append(bench_depth(work, args.model, layers))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for result in results:
+        summary(result)
+    if len(results) >= 2:
+        a, b = results[0], results[1]
+        ra, rb = (next(r for r in x["steps"] if r["step"] == "ours: dvc repro") for x in (a, b))
+        ratio = rb["peak_rss"] / ra["peak_rss"]
+        print(
+            f"\npeak RSS of ours, {b['layers']} vs {a['layers']} layers: ×{ratio:.2f} "
+            f"(target: within 10%) {'met' if abs(ratio - 1) <= 0.10 else 'MISSED'}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""The model card: built from this run's metrics files, read back by ModelCard.load."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from tests.conftest import build_model
+from tierquant.card import TEMPLATE, build_card, layer_ranges, module_summary
+from tierquant.config import compose, validate
+from tierquant.provenance import override_value, params_diff, repro_command
+
+ROOT = Path(__file__).resolve().parents[1]
+QUALITY = {
+    "kld_mean": 0.123456,
+    "kld_median": 0.0987,
+    "kld_p99": 1.875,
+    "kld_p99_9": 2.5,
+    "kld_max": 3.25,
+    "top1_agreement": 0.8125,
+    "ppl_reference": 10.5,
+    "ppl_model": 11.0,
+    "ppl_ratio": 1.047619,
+    "tokens": 2032,
+    "windows": 16,
+    "top_k": 64,
+    "structure_problems": 0,
+    "passed": True,
+}
+
+
+def _bench(variant: str, gen: float) -> dict:
+    """A benchmark metrics file of the shape tierquant.bench writes."""
+    contexts = {"128": 1, "512": 2}
+    return {
+        "variant": variant,
+        "machine": {"cpu": "Test CPU", "backend": "cpu", "memory_gib": 24},
+        "settings": {"generate_tokens": 32, "trials": 3, "warmup": 1},
+        "speed": {
+            c: {
+                "prefill_tps": {"median": 111.5 * k + (variant == "model")},
+                "generation_tps": {"median": gen * k},
+                "peak_memory_gib": 0.0045 * k,
+            }
+            for c, k in contexts.items()
+        },
+        "bandwidth": {
+            "bytes_per_token": {"total": 1234567 if variant == "model" else 2345678},
+            "contexts": {
+                c: {
+                    "bound_tps": {"M2 Max": 777.7 * k, "this machine": 55.5},
+                    "measured_tps": gen * k,
+                    "efficiency": 0.25,
+                }
+                for c, k in contexts.items()
+            },
+            "machine": {"gbps": 18.26},
+        },
+        "fit": {
+            "rule": "default: the GPU may use 0.75 of unified memory",
+            "weights_gib": 0.003,
+            "sizes": {
+                "64": {
+                    "memory_gib": 64,
+                    "gpu_limit_gib_default": 48.0,
+                    "fits_default": True,
+                    "max_context_default": 131072,
+                    "gpu_limit_gib_raised": 56.0,
+                    "fits_raised": True,
+                    "max_context_raised": 131072,
+                }
+            },
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_original: Path, tiny_float: Path, tmp_path_factory) -> Path:
+    """plan → quantize → assemble of the tiny model, plus metrics files."""
+    root = tmp_path_factory.mktemp("card")
+    build_model(root, tiny_original, tiny_float)
+    (root / "validate.json").write_text(json.dumps(QUALITY))
+    (root / "benchmark").mkdir()
+    (root / "benchmark" / "model.json").write_text(json.dumps(_bench("model", 42.25)))
+    (root / "benchmark" / "original.json").write_text(json.dumps(_bench("original", 33.75)))
+    return root
+
+
+def _config(root: Path, *overrides: str):
+    paths = {
+        "plan": root / "plan",
+        "model": root / "model",
+        "size_metrics": root / "size.json",
+        "validate": root / "validate.json",
+        "benchmark": root / "benchmark",
+        "machine": root / "machine.json",
+        "card": root / "card",
+    }
+    return validate(compose([*overrides, *(f"paths.{k}={v}" for k, v in paths.items())]))
+
+
+def test_card_numbers_come_from_the_metrics(run_dir: Path) -> None:
+    path = build_card(_config(run_dir, "publish.namespace=someone"))
+    text = path.read_text()
+    size = json.loads((run_dir / "size.json").read_text())
+    # quantization table: every tier, its exact params/bytes and percentages
+    for tier, t in size["tiers"].items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {tier} |"))
+        assert f"{t['params']:,}" in row and f"{t['bytes']:,}" in row
+        assert f"{t['params_pct']:.3f}%" in row and f"{t['bytes_pct']:.3f}%" in row
+        assert t["precision"] in row
+    assert f"{size['total']['bits_per_weight']:.3f} bits per weight" in text
+    assert f"{size['original']['bytes']:,}" in text
+    assert "down_proj, gate_proj, up_proj (all 6 layers)" in text
+    # quality, speed, fit and bandwidth tables
+    for needle in ("0.1235", "0.8125", "1.0476", "≤ 0.8 ✓", "Quality gate: passed"):
+        assert needle in text, needle
+    assert "| 128 | 112.5 | 111.5 | 42.2 | 33.8 |" in text  # prefill / generation medians
+    assert "Test CPU, 24 GiB" in text
+    assert "| 64 | 48.0 | yes | 131,072 | 56.0 | yes | 131,072 |" in text
+    assert "| M2 Max | 400 | 777.7 | 777.7 | 1555.4 | 1555.4 |" in text
+    assert "1,234,567" in text and "2,345,678" in text
+    # usage and reproduction
+    assert 'load("someone/tiny-tierquant-seed")' in text and "apply_chat_template" in text
+    assert "git checkout" in text and "params hash" in text
+
+
+def test_model_card_load_reads_the_same_metadata(run_dir: Path) -> None:
+    path = build_card(_config(run_dir))
+    card = ModelCard.load(path)
+    data = card.data.to_dict()
+    assert data["library_name"] == "mlx" and data["pipeline_tag"] == "text-generation"
+    assert data["license"] == "apache-2.0"
+    assert {"mlx", "gpt_oss", "quantized", "3-bit", "4-bit", "6-bit"} <= set(data["tags"])
+    assert "base_model" not in data  # synthetic: no Hub base model to point at
+    assert str(card).strip() == path.read_text().strip()
+
+
+def test_hub_model_card_names_its_base_model(run_dir: Path) -> None:
+    config = _config(run_dir, "model=gpt-oss-120b", "publish.repo_id=org/m")
+    card = ModelCard.load(build_card(config))
+    assert card.data.base_model == "openai/gpt-oss-120b"
+    assert card.data.to_dict()["base_model_relation"] == "quantized"
+    assert "# org/m" in card.text and "-S model=gpt-oss-120b" in card.text
+
+
+def test_card_states_a_failed_validation(run_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "validate.json"
+    bad.write_text(json.dumps({**QUALITY, "kld_mean": 0.95, "passed": False}))
+    config = _config(run_dir)
+    config.paths.validate = str(bad)
+    text = build_card(config).read_text()
+    assert "Quality gate: FAILED" in text and "KLD mean 0.95 vs limit 0.8" in text
+    assert "| KLD mean | 0.9500 | ≤ 0.8 ✗ FAILED |" in text
+
+
+def test_card_renders_without_benchmark_or_validation(run_dir: Path, tmp_path: Path) -> None:
+    config = _config(run_dir)
+    config.paths.validate = str(tmp_path / "none.json")
+    config.paths.benchmark = str(tmp_path / "none")
+    text = build_card(config).read_text()
+    assert "Quality gate: not run" in text and "Not measured" in text
+    ModelCard.load(Path(config.paths.card) / "README.md")
+
+
+def test_params_diff_and_repro_command(run_dir: Path) -> None:
+    diff = params_diff(_config(run_dir, "tiers.experts=4"))
+    keys = [k for k, _, _ in diff["changed"]]
+    assert "tiers.experts" in keys
+    assert "tiers.experts=4" in diff["overrides"]
+    assert repro_command(["tiers.experts=4"]) == "dvc exp run -S tiers.experts=4"
+    diff = params_diff(validate(compose(["recipe=mixed_3_6"])))
+    assert diff["overrides"] == ["recipe=mixed_3_6"] and diff["changed"] == []
+    assert params_diff(validate(compose()))["overrides"] == []
+    assert repro_command([]) == "dvc repro"
+    assert override_value("1/4") == "1/4" and override_value("a b") == "'a b'"
+    assert override_value(None) == "null" and override_value([1, 2]) == "[1,2]"
+
+
+def test_layer_ranges_and_module_summary() -> None:
+    assert layer_ranges([0, 1, 2, 3], 4) == "all 4 layers"
+    assert layer_ranges([0, 1, 3, 5, 6, 7], 36) == "layers 0–1, 3, 5–7"
+    assert layer_ranges([4], 36) == "layer 4"
+    tensors = [
+        {"module": "lm_head", "kind": "lm_head", "layer": None},
+        {"module": "model.layers.0.self_attn.q_proj", "kind": "q_proj", "layer": 0},
+        {"module": "model.layers.0.self_attn.k_proj", "kind": "k_proj", "layer": 0},
+    ]
+    assert module_summary(tensors, 2) == "lm_head; k_proj, q_proj (layer 0)"
+
+
+def test_template_ships_as_package_data() -> None:
+    assert TEMPLATE.is_file() and TEMPLATE.parent.name == "templates"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    line = re.search(r"^tierquant = \[.*\]$", pyproject, re.MULTILINE)
+    assert line is not None and '"templates/*"' in line.group(0)
