@@ -79,6 +79,29 @@ def build_model(root: Path, original: Path, float_dir: Path, overrides: list[str
     return config, root / "model", metrics
 
 
+def isolate_hf_client(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep huggingface_hub off ~/.cache/huggingface and away from any real token or
+    endpoint. It reads its env vars once, at import, into `constants`: patch both."""
+    from huggingface_hub import constants
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    for name, value in {
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_ASSETS_CACHE": str(home / "assets"),
+        "HF_XET_CACHE": str(home / "xet"),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+        "HF_HUB_DISABLE_TELEMETRY": True,
+        "HF_HUB_OFFLINE": False,
+    }.items():
+        monkeypatch.setattr(constants, name, value)
+    return home
+
+
 def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True):
     """Run a command with the venv's tools first on PATH; return the CompletedProcess."""
     full_env = dict(os.environ)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 from hubserver import LocalHub, git_blob_sha1
-from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
+from tests.conftest import isolate_hf_client
 from tierquant.errors import TierquantError
 from tierquant.hub import DEFAULT_ALLOW_PATTERNS, download_snapshot
 
@@ -83,20 +84,7 @@ def hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     huggingface_hub reads its env vars once, at import, into `constants`: patch both.
     """
-    home = tmp_path / "hf-home"
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_ASSETS_CACHE", str(home / "assets"))
-    monkeypatch.setattr(constants, "HF_XET_CACHE", str(home / "xet"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    return home
+    return isolate_hf_client(tmp_path / "hf-home", monkeypatch)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 from hubserver import LocalHub
 from huggingface_hub import HfApi, constants
 
-from tests.conftest import build_model, run_stage
+from tests.conftest import build_model, isolate_hf_client, run_stage
 from tierquant.config import Config, compose, validate
 from tierquant.errors import TierquantError
 from tierquant.publish import publish
@@ -47,19 +47,8 @@ def hf_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     no retry waits (huggingface_hub backs off 1+2+4+8+8 s on a 5xx)."""
     import huggingface_hub.utils._http as http
 
-    home = tmp_path / "hf-home"
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
+    home = isolate_hf_client(tmp_path / "hf-home", monkeypatch)
     monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_XET_CACHE", str(home / "xet"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     fast_time = types.SimpleNamespace(
         **{n: getattr(time, n) for n in dir(time) if not n.startswith("_")}
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_output
 from .config import Config
+from .errors import TierquantError
 from .gptoss import verify_original
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,11 @@ def download(config: Config) -> Path:
             log.info("downloading %s@%s", model.repo_id, model.revision)
             sha = download_snapshot(model.repo_id, model.revision, list(model.allow_patterns), tmp)
             log.info("resolved %s@%s to commit %s", model.repo_id, model.revision, sha)
-        ckpt = verify_original(tmp)
+        try:
+            ckpt = verify_original(tmp)
+        except TierquantError as e:  # the paths it names are in the temporary, now removed
+            source = f"{model.repo_id}@{sha}" if model.source != "synthetic" else model.name
+            raise TierquantError(f"{source} fails verification, not kept: {e}") from e
         count, size = len(ckpt.tensors), sum(t.nbytes for t in ckpt.tensors.values())
         ckpt.close()
     log.info("wrote %s: %d tensors, %.2f GB", out, count, size / 1e9)
