@@ -33,7 +33,10 @@ from pathlib import Path
 from common import VENV_BIN, Measured, copy_checkout, dir_bytes, gb, run_measured
 
 PY = sys.executable
-STAGE_TIME = re.compile(r"stage (\S+) finished in ([0-9.]+) s")
+STAGE_TIME = re.compile(r"stage (\S+) finished in ([0-9.]+) s(?:, peak RSS ([0-9.]+) MB)?")
+# The stages that do the work the mlx-lm path does (everything but evaluation):
+# their peak is what compares with mlx_lm.convert's.
+EVAL_STAGES = ("reference", "validate")
 
 MLX_QUANTIZE = """
 import sys
@@ -58,6 +61,13 @@ def stage_seconds(output: str) -> float:
     return sum(float(m.group(2)) for m in STAGE_TIME.finditer(output))
 
 
+def stage_peaks(output: str) -> dict[str, float]:
+    """Each stage's own peak RSS in bytes, from the line every stage logs."""
+    return {
+        m.group(1): float(m.group(3)) * 2**20 for m in STAGE_TIME.finditer(output) if m.group(3)
+    }
+
+
 def step_row(name: str, m: Measured) -> dict:
     stages = stage_seconds(m.output)
     return {
@@ -67,7 +77,8 @@ def step_row(name: str, m: Measured) -> dict:
         "bytes_written": m.bytes_written,
         "stage_s": stages,
         "dvc_share": max(0.0, 1 - stages / m.wall_s) if stages else None,
-        "ran": sorted({stage for stage, _ in STAGE_TIME.findall(m.output)}),
+        "ran": sorted({m.group(1) for m in STAGE_TIME.finditer(m.output)}),
+        "stage_peak_rss": stage_peaks(m.output),
     }
 
 
@@ -105,8 +116,12 @@ def bench_depth(work: Path, model: str, layers: int) -> dict:
         m = run_measured(cmd, cwd=repo)
         rows.append(step_row(name, m))
         print(_fmt(rows[-1]), flush=True)
-        times = ", ".join(f"{s} {float(t):.1f}" for s, t in STAGE_TIME.findall(m.output))
-        print(f"   stages (s): {times or 'none ran'}", flush=True)
+        times = ", ".join(
+            f"{x.group(1)} {float(x.group(2)):.1f} s"
+            + (f"/{float(x.group(3)):.0f} MB" if x.group(3) else "")
+            for x in STAGE_TIME.finditer(m.output)
+        )
+        print(f"   stages (time/peak RSS): {times or 'none ran'}", flush=True)
         if name == "ours: dvc repro":
             sizes = {p: dir_bytes(repo / "data" / p) for p in ("original", "float", "model")}
             sizes["quantized"] = dir_bytes(repo / "data" / "quantized")
@@ -181,6 +196,13 @@ def summary(result: dict) -> None:
         ("experts=4 wall / full run", steps["experts=4"]["wall_s"] / ours["wall_s"], 0.7),
         ("attention=6 wall / full run", steps["attention=6"]["wall_s"] / ours["wall_s"], 0.2),
     ]
+    work_peak = max(
+        (v for k, v in ours["stage_peak_rss"].items() if not k.startswith(EVAL_STAGES)), default=0
+    )
+    if work_peak:
+        checks.insert(
+            2, ("peak RSS w/o reference+validate / mlx", work_peak / mlx["peak_rss"], 0.25)
+        )
     for label, value, target in checks:
         verdict = "met" if value <= target else "MISSED"
         print(f"   {label:<34} {value:6.2f}  (target ≤ {target})  {verdict}")

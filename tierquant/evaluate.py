@@ -182,13 +182,30 @@ def eval_windows(ev: EvalConfig, model_dir: Path) -> np.ndarray:
 # --- model forward --------------------------------------------------------------------------
 
 
+def compute_dtype() -> str:
+    """The activation dtype of reference and validate on this backend.
+
+    On a GPU (Metal, CUDA) models run as stock mlx-lm runs them (bf16). MLX's CPU
+    backend runs quantized matmuls about 8x faster with float32 activations than with
+    bf16 (and has no bf16 gather_mm at all), so on the CPU both the reference and the
+    quantized model compute in float32: the same weights, a cleaner comparison (no bf16
+    activation noise), and the same choice on both sides.
+    """
+    import mlx.core as mx
+
+    return "float32" if mx.default_device() == mx.cpu else "bfloat16"
+
+
 def _load_model(model_dir: Path):
     """Load an mlx-lm model dir with stock `mlx_lm.load` (the one place models load)."""
+    import mlx.core as mx
     from mlx_lm import load
 
     if not (Path(model_dir) / "config.json").is_file():
         raise TierquantError(f"{model_dir}: not a model directory (no config.json)")
     model, _ = load(str(model_dir))
+    if compute_dtype() == "float32":
+        model.set_dtype(mx.float32)  # floating params only; packed weights stay as stored
     return model
 
 
@@ -260,6 +277,7 @@ def compute_reference(model, tokens: np.ndarray, top_k: int, batch_size: int) ->
         "batch_size": int(batch_size),
         "tail_mass_mean": float(np.mean(np.exp(arrays["tail_logp"].astype(np.float64)))),
         "ppl": float(np.exp(np.mean(arrays["nll"].astype(np.float64)))),
+        "compute_dtype": compute_dtype(),
     }
     return Reference(tokens=tokens.astype(np.int32), meta=meta, **arrays)
 
@@ -389,6 +407,7 @@ def summarize(stats: TokenStats, ref: Reference) -> dict[str, float]:
         "top_k": int(ref.meta["top_k"]),
         "tokens": int(flat.size),
         "windows": int(kld.shape[0]),
+        "compute_dtype": str(ref.meta.get("compute_dtype", "bfloat16")),
     }
     return metrics
 
@@ -404,6 +423,13 @@ def quality_metrics(model_dir: Path, reference_dir: Path) -> dict[str, float]:
     from .checkpoint import Checkpoint
 
     ref = load_reference(reference_dir)
+    ref_dtype = ref.meta.get("compute_dtype", "bfloat16")
+    if ref_dtype != compute_dtype():
+        raise TierquantError(
+            f"{reference_dir}: the reference was computed in {ref_dtype} activations but "
+            f"this backend computes in {compute_dtype()} (see tierquant.evaluate."
+            "compute_dtype); recompute it here: `dvc repro -f reference`"
+        )
     mx.reset_peak_memory()
     model = _load_model(model_dir)
     metrics: dict[str, float] = summarize(token_stats(model, ref), ref)

@@ -66,9 +66,10 @@ def stage_main(run: Callable[..., object], stage_args: tuple[str, ...] = ()) -> 
                 run(config, **kwargs)
                 # bench/pipeline.py sums these to tell stage time from DVC's own time.
                 log.info(
-                    "stage %s finished in %.2f s",
+                    "stage %s finished in %.2f s, peak RSS %.0f MB",
                     _stage_label(kwargs),
                     time.perf_counter() - started,
+                    _peak_rss_mb(),
                 )
             except TierquantError as e:
                 log.error("%s", e)
@@ -83,6 +84,14 @@ def stage_main(run: Callable[..., object], stage_args: tuple[str, ...] = ()) -> 
 
     main.__doc__ = run.__doc__
     return main
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def _stage_label(kwargs: dict[str, str]) -> str:
