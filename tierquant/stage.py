@@ -43,6 +43,9 @@ def stage_main(run: Callable[..., object], stage_args: tuple[str, ...] = ()) -> 
         import hydra
         from omegaconf import DictConfig
 
+        if any(a in ("-h", "--help") for a in sys.argv[1:]):
+            _print_help(run, stage_args)
+            return
         kwargs: dict[str, str] = {}
         for name in stage_args:
             found = [a for a in sys.argv[1:] if a.startswith(f"{name}=")]
@@ -84,6 +87,24 @@ def stage_main(run: Callable[..., object], stage_args: tuple[str, ...] = ()) -> 
 
     main.__doc__ = run.__doc__
     return main
+
+
+def _print_help(run: Callable[..., object], stage_args: tuple[str, ...]) -> None:
+    """What the stage does and how to call it (Hydra's own --help lists only its groups)."""
+    import __main__
+
+    script = Path(sys.argv[0]).name
+    args = "".join(f" {name}=<{name}>" for name in stage_args)
+    print(f"usage: python stages/{script}{args} [key=value ...]\n")
+    for doc in (getattr(__main__, "__doc__", None), run.__doc__):
+        if doc:
+            print(doc.strip() + "\n")
+    print(
+        "Reads params.yaml (the composition of conf/; `python -m tierquant.config --write\n"
+        "model=...` recomposes it) and takes key=value overrides of it, e.g.\n"
+        "paths.original=/tmp/orig. Unknown keys and wrong types are refused, naming the\n"
+        "key. `--cfg job` prints the resolved params; `--hydra-help` is Hydra's own help."
+    )
 
 
 def _peak_rss_mb() -> float:
