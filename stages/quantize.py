@@ -3,8 +3,25 @@
 Run by hand as `python stages/quantize.py tier=experts [key=value ...]`.
 """
 
+from pathlib import Path
+
+from tierquant.config import Config
 from tierquant.quantize import quantize
 from tierquant.stage import stage_main
 
+
+def run(config: Config, tier: str) -> None:
+    """Quantize the tier's tensors (its plan file) at tiers.<tier> into paths.quantized/<tier>."""
+    quantize(
+        tier=tier,
+        tiers=config.precisions(),
+        plan_dir=Path(config.paths.plan),
+        float_dir=Path(config.paths.float),
+        original_dir=Path(config.paths.original),
+        out_dir=Path(config.paths.quantized) / tier,
+        max_shard_bytes=config.model.max_shard_bytes,
+    )
+
+
 if __name__ == "__main__":
-    stage_main(quantize, stage_args=("tier",))()
+    stage_main(run, stage_args=("tier",))()

@@ -7,8 +7,9 @@ import os
 import struct
 from pathlib import Path
 
-from tierquant.checkpoint import INDEX_NAME, plan_shards, shard_name, write_json
+from tierquant.checkpoint import INDEX_NAME, plan_shards, shard_name
 from tierquant.config import SyntheticConfig
+from tierquant.files import write_json
 from tierquant.gptoss import GptOssShape, hf_tensor_specs
 from tierquant.synthetic import config_json
 

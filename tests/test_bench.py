@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
@@ -13,12 +14,14 @@ import pytest
 
 from tests.conftest import run_stage
 from tests.headers import real_spec
-from tierquant import bench
-from tierquant.checkpoint import Checkpoint, read_json, write_json
+from tierquant import bench, footprint
+from tierquant.checkpoint import Checkpoint, TensorSpec
 from tierquant.config import BenchmarkConfig, compose, validate
 from tierquant.errors import TierquantError
-from tierquant.gptoss import GptOssShape, Weight, hf_tensor_specs
+from tierquant.files import read_json, write_json
+from tierquant.gptoss import GptOssShape, Weight, hf_tensor_specs, mlx_weights
 from tierquant.machine import machine_info, write_machine
+from tierquant.recipe import assign
 from tierquant.synthetic import config_json
 
 QUICK = {"contexts": [64, 128], "generate_tokens": 8, "trials": 1, "warmup": 1, "probe_mib": 64}
@@ -49,9 +52,8 @@ def _overrides(tmp_path: Path, original: Path) -> list[str]:
 
 
 def test_machine_json_is_byte_identical_across_runs(tmp_path):
-    config = _config(tmp_path, tmp_path / "unused")
-    first = write_machine(config).read_bytes()
-    second = write_machine(config).read_bytes()
+    first = write_machine(tmp_path / "machine.json").read_bytes()
+    second = write_machine(tmp_path / "machine.json").read_bytes()
     assert first == second
     info = json.loads(first)
     assert {"os", "cpu", "memory_gib", "mlx", "mlx_lm", "backend"} <= set(info)
@@ -72,9 +74,9 @@ def test_tables_on_the_tiny_model(tiny_original):
     shape = GptOssShape.from_config(read_json(tiny_original / "config.json"))
     with Checkpoint(tiny_original) as ckpt:
         tensors = list(ckpt.tensors.values())
-    size = bench.stored_bytes(tensors)
+    size = footprint.stored_bytes(tensors)
     assert size["total"] == sum(t.nbytes for t in tensors)
-    per_token = bench.bytes_per_token(tensors, shape)
+    per_token = footprint.bytes_per_token(tensors, shape)
     k_over_e = shape.num_experts_per_tok / shape.num_local_experts
     assert per_token["experts"] == pytest.approx(size["experts"] * k_over_e)
     assert per_token["embed"] == shape.hidden_size * 2  # one bf16 row
@@ -84,11 +86,11 @@ def test_tables_on_the_tiny_model(tiny_original):
     # KV: 2 (k, v) x kv_heads x head_dim x 2 bytes per layer and token; sliding layers
     # stop growing at the window (tiny: 3 full + 3 sliding layers, window 32)
     per = 2 * shape.num_key_value_heads * shape.head_dim * 2
-    assert bench.kv_cache_bytes(shape, 10) == per * 6 * 10
-    assert bench.kv_cache_bytes(shape, 1000) == per * (3 * 1000 + 3 * 32)
+    assert footprint.kv_cache_bytes(shape, 10) == per * 6 * 10
+    assert footprint.kv_cache_bytes(shape, 1000) == per * (3 * 1000 + 3 * 32)
 
     cfg = BenchmarkConfig(memory_gib=[32, 64], overhead_gib=0.0)
-    fit = bench.fit_table(size["total"], shape, 131072, cfg)
+    fit = footprint.fit_table(size["total"], shape, 131072, cfg)
     assert fit["sizes"]["64"]["max_context_default"] == 131072  # capped at the model's limit
     assert fit["sizes"]["32"]["gpu_limit_gib_default"] == pytest.approx(32 * 0.6667, abs=0.01)
     assert "iogpu.wired_limit_mb" in fit["rule"]
@@ -97,19 +99,50 @@ def test_tables_on_the_tiny_model(tiny_original):
 def test_max_context_matches_the_closed_form():
     shape = GptOssShape.from_config(config_json(real_spec("gpt-oss-120b")))
     budget = 3 * 2**30
-    got = bench.max_context(shape, budget, 10**9)
+    got = footprint.max_context(shape, budget, 10**9)
     per = 2 * 8 * 64 * 2
     # 18 full layers x c + 18 sliding layers x 128 <= budget
     assert got == (budget - per * 18 * 128) // (per * 18)
-    assert bench.kv_cache_bytes(shape, got) <= budget < bench.kv_cache_bytes(shape, got + 1)
-    assert bench.max_context(shape, 100, 4096) == 0
+    assert footprint.kv_cache_bytes(shape, got) <= budget < footprint.kv_cache_bytes(shape, got + 1)
+    assert footprint.max_context(shape, 100, 4096) == 0
 
 
 # --- tables: gpt-oss-120b's real shapes (headers only, no data) ------------------------
 
 
+# Quoted from the seed model card (M2 Max, generation tok/s), NOT measured here: the
+# seed's 3.557-bit gpt-oss-120b and the original MXFP4 checkpoint.
+SEED_CARD_QUOTE = {
+    "source": "seed model card (quoted, not measured by this pipeline)",
+    "chip": "M2 Max",
+    "generation_tps": {"model": 48.2, "original": 43.9},
+}
+
+
+def precision_specs(
+    shape: GptOssShape, bits_of: Callable[[Weight], Fraction | float]
+) -> list[TensorSpec]:
+    """Stored tensors (as U8 byte counts, mlx-lm names) of the bf16 checkpoint's weights
+    at `bits_of(weight)` bits per weight (scales and biases included)."""
+    specs = []
+    for w in mlx_weights(shape):
+        nbytes = Fraction(w.numel) * Fraction(bits_of(w)) / 8
+        assert nbytes.denominator == 1, f"{w.name}: not a whole number of bytes"
+        rows = w.shape[0]
+        specs.append(TensorSpec(w.name, "U8", (rows, int(nbytes) // rows)))
+    return specs
+
+
+def recipe_bits(config, shape: GptOssShape) -> Callable[[Weight], Fraction]:
+    """bits_of for `precision_specs` from the config's recipe and tiers (tierquant.recipe)."""
+    precisions = config.precisions()
+    tiers = assign(mlx_weights(shape), config.recipe, shape.num_hidden_layers)
+    tier_of = {w.name: tier for tier, weights in tiers.items() for w in weights}
+    return lambda w: precisions[tier_of[w.name]].weight_bits(w.kind)
+
+
 def _seed_bits(num_layers: int):
-    """The seed recipe by hand (GPT-OSS.md): affine b bits + group 64 = b + 0.5 bits."""
+    """The seed recipe by hand (docs/gpt-oss-format.md): affine b bits + group 64 = b + 0.5 bits."""
 
     def bits_of(w: Weight) -> Fraction:
         if w.kind in ("norm", "bias", "sinks", "router"):
@@ -153,28 +186,28 @@ def test_bandwidth_table_for_gpt_oss_120b(capsys):
     shape = GptOssShape.from_config(config_json(real_spec("gpt-oss-120b")))
     config = validate(compose(["model=gpt-oss-120b"]))
     original = hf_tensor_specs(shape)
-    by_hand = bench.precision_specs(shape, _seed_bits(36))
-    seed = bench.precision_specs(shape, bench.recipe_bits(config, shape))
+    by_hand = precision_specs(shape, _seed_bits(36))
+    seed = precision_specs(shape, recipe_bits(config, shape))
     assert [(s.name, s.nbytes) for s in seed] == [(s.name, s.nbytes) for s in by_hand]
 
     # the seed card's size and the published original size
-    seed_size = bench.stored_bytes(seed)["total"]
-    assert 8 * seed_size / bench.weight_count(shape) == pytest.approx(3.557, abs=5e-4)
+    seed_size = footprint.stored_bytes(seed)["total"]
+    assert 8 * seed_size / footprint.weight_count(shape) == pytest.approx(3.557, abs=5e-4)
     assert seed_size / 2**30 == pytest.approx(48.4, abs=0.05)
-    assert bench.stored_bytes(original)["total"] == 65_248_815_744
+    assert footprint.stored_bytes(original)["total"] == 65_248_815_744
 
     per_token = {
-        "model": bench.bytes_per_token(seed, shape),
-        "original": bench.bytes_per_token(original, shape),
+        "model": footprint.bytes_per_token(seed, shape),
+        "original": footprint.bytes_per_token(original, shape),
     }
     assert per_token["model"]["total"] == pytest.approx(_by_formula_120b(seed=True), rel=1e-12)
     assert per_token["original"]["total"] == pytest.approx(_by_formula_120b(seed=False), rel=1e-12)
 
-    quote = bench.SEED_CARD_QUOTE
+    quote = SEED_CARD_QUOTE
     chips = {quote["chip"]: 400.0}
     lines = [f"gpt-oss-120b, bandwidth bound at 400 GB/s ({quote['chip']}) vs {quote['source']}:"]
     for variant, pt in per_token.items():
-        table = bench.bandwidth_table(pt, shape, [1024, 4096], 128, chips)
+        table = footprint.bandwidth_table(pt, shape, [1024, 4096], 128, chips)
         weights_only = 400e9 / pt["total"]
         measured = quote["generation_tps"][variant]
         for c, row in table["contexts"].items():
@@ -197,8 +230,14 @@ def test_bandwidth_table_for_gpt_oss_120b(capsys):
 
 def test_benchmark_stage_on_the_tiny_original(tmp_path, tiny_original):
     config = _config(tmp_path, tiny_original, **QUICK)
-    write_machine(config)
-    out = bench.benchmark_stage(config, "original")
+    write_machine(Path(config.paths.machine))
+    out = bench.benchmark(
+        variant="original",
+        model_dir=tiny_original,
+        machine_path=Path(config.paths.machine),
+        settings=config.benchmark,
+        out_dir=Path(config.paths.benchmark),
+    )
     metrics = json.loads(out.read_text())
     assert metrics["variant"] == "original"
     assert set(metrics["speed"]) == {"64", "128"}

@@ -16,8 +16,9 @@ from tierquant.config import Config, SyntheticConfig, compose, validate
 from tierquant.errors import TierquantError
 from tierquant.gptoss import KINDS, GptOssShape, mlx_weights
 from tierquant.plan import plan, plan_tiers
+from tierquant.precision import parse_precision
 from tierquant.predict import predict
-from tierquant.recipe import edge_bounds, is_edge, parse_precision
+from tierquant.recipe import edge_bounds, is_edge
 from tierquant.synthetic import config_json, shape_of
 
 GIB = 1 << 30
@@ -272,7 +273,7 @@ def test_seed_recipe_on_gpt_oss_20b(real_checkpoints, tmp_path):
     report = predicted(real_checkpoints["gpt-oss-20b"], tmp_path, config())
     print(
         f"gpt-oss-20b, seed recipe: {report['total']['bits_per_weight']:.3f} bits per weight, "
-        f"{report['total']['bytes']:,} bytes ({report['total']['GiB']} GiB); original "
+        f"{report['total']['bytes']:,} bytes ({report['total']['gib']} GiB); original "
         f"{report['original']['bytes']:,} bytes"
     )
     assert report["original"]["bytes"] == 13_761_264_768

@@ -15,8 +15,8 @@ from tests.conftest import build_model
 from tierquant.checkpoint import Checkpoint
 from tierquant.errors import TierquantError
 from tierquant.gptoss import Weight
-from tierquant.quantize import check_quantizable, quantize_tier
-from tierquant.recipe import parse_precision
+from tierquant.precision import check_quantizable, parse_precision
+from tierquant.quantize import quantize_tier
 
 
 @pytest.fixture(scope="module")
@@ -147,14 +147,20 @@ def test_group_size_that_does_not_divide_the_input_width():
     weight = Weight(
         "model.layers.0.self_attn.q_proj.weight", "q_proj", 0, "sliding_attention", (256, 96)
     )
-    with pytest.raises(TierquantError, match=r"group_size 64 does not divide.*96.*q_proj"):
-        check_quantizable(weight, parse_precision(4, "tiers.attention", 64), "attention")
+    with pytest.raises(TierquantError, match=r"tiers.attention.*q_proj.*96.*group size 64"):
+        precision = parse_precision(4, "tiers.attention", 64)
+        check_quantizable(
+            "attention", precision, name=weight.name, kind=weight.kind, shape=weight.shape
+        )
 
 
 def test_mxfp4_for_a_non_expert_module_is_refused():
     weight = Weight("lm_head.weight", "lm_head", None, None, (1024, 128))
     with pytest.raises(TierquantError, match="lm_head"):
-        check_quantizable(weight, parse_precision("mxfp4", "tiers.sensitive"), "sensitive")
+        precision = parse_precision("mxfp4", "tiers.sensitive")
+        check_quantizable(
+            "sensitive", precision, name=weight.name, kind=weight.kind, shape=weight.shape
+        )
 
 
 def test_failed_quantize_leaves_nothing(tiny_float, tiny_original, tmp_path):
@@ -174,7 +180,7 @@ def test_failed_quantize_leaves_nothing(tiny_float, tiny_original, tmp_path):
 
 def test_stale_tier_output_is_refused(seed_model, tmp_path):
     from tierquant.assemble import assemble_model
-    from tierquant.recipe import parse_tiers
+    from tierquant.precision import parse_tiers
 
     config, model_dir, _ = seed_model
     root = model_dir.parent

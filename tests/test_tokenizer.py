@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tierquant.errors import TierquantError
+from tierquant.gptoss import TOKENIZER_FILES
 from tierquant.tokenizer import (
     SPECIAL_TOKENS,
-    TOKENIZER_FILES,
     build_tokenizer_files,
     bytes_to_unicode,
     load_corpus,

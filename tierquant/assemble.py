@@ -6,8 +6,8 @@ beside an index, a config.json whose per-module `quantization` map (and
 `quantization_config`) gives every matrix its tier's precision — the router and every
 other bf16 module explicitly `false`, since mlx-lm's own gpt-oss predicate would make
 the router 8-bit — and the tokenizer and generation files. The exact size per tier and
-in total is counted from the tensors written and saved as DVC metrics, with the
-per-module quantization error as a plot.
+in total is counted from the tensors written and saved as DVC metrics (tierquant.size's
+layout, the same as predict's), with the per-module quantization error as a plot.
 """
 
 from __future__ import annotations
@@ -20,29 +20,15 @@ import os
 import shutil
 from pathlib import Path
 
-from .checkpoint import INDEX_NAME, Checkpoint, atomic_output, read_json, shard_name, write_json
-from .config import Config
-from .convert import SIDE_FILES
+from .checkpoint import INDEX_NAME, Checkpoint, shard_name
 from .errors import TierquantError
-from .gptoss import mlx_weights, shape_of_checkpoint
+from .files import atomic_output, read_json, write_json
+from .gptoss import copy_side_files, mlx_weights, shape_of_checkpoint
+from .precision import Precision
 from .quantize import MANIFEST
-from .recipe import Precision, parse_tiers
+from .size import format_table, size_report
 
 log = logging.getLogger(__name__)
-
-
-def assemble(config: Config) -> dict:
-    """The assemble stage: `paths.quantized/<tier>` for every tier → `paths.model`."""
-    tiers = parse_tiers(config.tiers, config.quant.group_size)
-    return assemble_model(
-        tiers=tiers,
-        quantized_dir=Path(config.paths.quantized),
-        float_dir=Path(config.paths.float),
-        original_dir=Path(config.paths.original),
-        out_dir=Path(config.paths.model),
-        size_metrics=Path(config.paths.size_metrics),
-        error_plot=Path(config.paths.quant_error_plot),
-    )
 
 
 def _link_or_copy(src: Path, dest: Path) -> str:
@@ -140,79 +126,27 @@ def assemble_model(
             },
         )
         write_json(tmp / "config.json", model_config)
-        for side in SIDE_FILES:
-            if (float_dir / side).is_file():
-                shutil.copyfile(float_dir / side, tmp / side)
+        copy_side_files(float_dir, tmp)
     log.info(
         "wrote %s: %d shard(s) %s from %d tiers", out_dir, count, "/".join(sorted(how)), len(tiers)
     )
 
-    metrics = size_table(manifests, tiers, weight_map, sizes, original_dir)
+    tier_bytes = {t: sum(sizes[n] for n in m["tensors"]) for t, m in manifests.items()}
+    assert sum(tier_bytes.values()) == sum(sizes[n] for n in weight_map)
+    with Checkpoint(original_dir) as original:
+        original_bytes = original.nbytes
+    metrics = size_report(
+        {t: (tiers[t].label, m["params"], tier_bytes[t]) for t, m in manifests.items()},
+        original_bytes,
+    )
     size_metrics.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(size_metrics, is_dir=False) as tmp_file:
         write_json(tmp_file, metrics)
     with atomic_output(error_plot, is_dir=False) as tmp_file:
         tmp_file.write_text(error_csv(manifests))
-    for tier, row in metrics["tiers"].items():
-        log.info(
-            "  %-10s %-12s %6.2f%% of params  %12d bytes  %.3f bits/weight",
-            tier,
-            row["precision"],
-            row["params_pct"],
-            row["bytes"],
-            row["bits_per_weight"],
-        )
-    total = metrics["total"]
-    log.info(
-        "  %-10s %-12s %6.2f%% of params  %12d bytes  %.3f bits/weight (%.2f GiB)",
-        "total",
-        "",
-        100.0,
-        total["bytes"],
-        total["bits_per_weight"],
-        total["gib"],
-    )
+    for line in format_table(metrics):
+        log.info("%s", line)
     return metrics
-
-
-def size_table(
-    manifests: dict[str, dict],
-    tiers: dict[str, Precision],
-    weight_map: dict[str, str],
-    sizes: dict[str, int],
-    original_dir: Path,
-) -> dict:
-    """Exact bytes and bits per weight per tier and in total, from the written tensors."""
-    params = {t: m["params"] for t, m in manifests.items()}
-    total_params = sum(params.values())
-    tier_bytes = {t: sum(sizes[n] for n in m["tensors"]) for t, m in manifests.items()}
-    total_bytes = sum(tier_bytes.values())
-    assert total_bytes == sum(sizes[n] for n in weight_map)
-    with Checkpoint(original_dir) as original:
-        original_bytes = sum(i.nbytes for i in original.tensors.values())
-    return {
-        "tiers": {
-            t: {
-                "precision": tiers[t].label,
-                "params": params[t],
-                "params_pct": 100 * params[t] / total_params,
-                "bytes": tier_bytes[t],
-                "bytes_pct": 100 * tier_bytes[t] / total_bytes,
-                "bits_per_weight": 8 * tier_bytes[t] / params[t],
-            }
-            for t in manifests
-        },
-        "total": {
-            "params": total_params,
-            "bytes": total_bytes,
-            "gib": total_bytes / 2**30,
-            "bits_per_weight": 8 * total_bytes / total_params,
-        },
-        "original": {
-            "bytes": original_bytes,
-            "bits_per_weight": 8 * original_bytes / total_params,
-        },
-    }
 
 
 def error_csv(manifests: dict[str, dict]) -> str:

@@ -12,21 +12,8 @@ keeps one, else the process's peak RSS (never reset, so the peak over the whole 
 load time (`mlx_lm.load`, weights evaluated); size on disk; and this machine's memory
 read bandwidth (`measure_read_bandwidth`).
 
-Computed from the model's config.json and its tensors' stored bytes (safetensors
-headers only, so they work for the original MXFP4 checkpoint, a quantized mlx-lm
-directory, or shapes with no data at all):
-
-- `bytes_per_token`: bytes read from memory to generate one token (batch 1). Every
-  tensor is read once per token, except: expert tensors (`mlp.experts.*`, weights,
-  scales and biases) are read for `num_experts_per_tok` of `num_local_experts` experts
-  (k/E of their bytes), and the embedding reads one row. Attention, router, norms and
-  lm_head are read whole, at their stored precision. On top, generating at context c
-  reads the KV cache (`kv_cache_bytes`) at the mean context of the generated tokens.
-- `bandwidth_table`: the tok/s memory bandwidth alone allows (bandwidth / bytes per
-  token) for the chips in `benchmark.chips` and this machine; measured / bound is the
-  efficiency.
-- `fit_table`: for each unified-memory size, whether weights + `overhead_gib` fit in
-  what the GPU may use, and the longest context whose KV cache fits beside them.
+The memory model (stored bytes, bytes read per token, KV cache, fit and bandwidth tables)
+is tierquant.footprint's; this module measures and writes both into the metrics.
 """
 
 from __future__ import annotations
@@ -37,224 +24,31 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
-from fractions import Fraction
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from .checkpoint import Checkpoint, TensorSpec, atomic_output, json_bytes, read_json
-from .config import BenchmarkConfig, Config
+from .checkpoint import Checkpoint
+from .config import BenchmarkConfig
 from .errors import TierquantError
-from .gptoss import GptOssShape, Weight, mlx_weights
+from .files import atomic_output, json_bytes, read_json
+from .footprint import (
+    GIB,
+    PARTS,
+    bandwidth_table,
+    bytes_per_token,
+    fit_table,
+    stored_bytes,
+    weight_count,
+)
+from .gptoss import GptOssShape
 
 log = logging.getLogger(__name__)
 
-GIB = 2**30
-KV_DTYPE_BYTES = 2  # mlx-lm's KV cache holds keys/values in the activation dtype (bf16)
-PARTS = ("experts", "attention", "router", "embed", "lm_head", "norms")
 VARIANTS = ("model", "original")
 THIS_MACHINE = "this machine"
-
-# Quoted from the seed model card (M2 Max, generation tok/s), NOT measured here: the
-# seed's 3.557-bit gpt-oss-120b and the original MXFP4 checkpoint.
-SEED_CARD_QUOTE = {
-    "source": "seed model card (quoted, not measured by this pipeline)",
-    "chip": "M2 Max",
-    "generation_tps": {"model": 48.2, "original": 43.9},
-}
-
-
-class TensorLike(Protocol):
-    """What the tables need of a tensor: TensorSpec and TensorInfo both qualify."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def shape(self) -> tuple[int, ...]: ...
-
-    @property
-    def nbytes(self) -> int: ...
-
-
-# --- tables from shapes and stored bytes ------------------------------------------------
-
-
-def part_of(name: str) -> str:
-    """Which part of the model a tensor (HF or mlx-lm name) belongs to; see PARTS."""
-    if ".mlp.experts." in name:
-        return "experts"
-    if ".mlp.router." in name:
-        return "router"
-    if ".self_attn." in name:
-        return "attention"
-    if name.startswith("model.embed_tokens."):
-        return "embed"
-    if name.startswith("lm_head."):
-        return "lm_head"
-    return "norms"
-
-
-def stored_bytes(tensors: Iterable[TensorLike]) -> dict[str, int]:
-    """Stored bytes per part, and `total`."""
-    out = dict.fromkeys(PARTS, 0)
-    for t in tensors:
-        out[part_of(t.name)] += t.nbytes
-    out["total"] = sum(out.values())
-    return out
-
-
-def bytes_per_token(tensors: Iterable[TensorLike], shape: GptOssShape) -> dict[str, float]:
-    """Weight bytes read per generated token, per part and `total` (rule: module doc)."""
-    active = shape.num_experts_per_tok / shape.num_local_experts
-    out = dict.fromkeys(PARTS, 0.0)
-    for t in tensors:
-        part = part_of(t.name)
-        if part == "experts":
-            out[part] += t.nbytes * active
-        elif part == "embed":
-            out[part] += t.nbytes / (t.shape[0] if t.shape else 1)  # one row
-        else:
-            out[part] += t.nbytes
-    out["total"] = sum(out.values())
-    return out
-
-
-def kv_cache_bytes(shape: GptOssShape, context: int) -> int:
-    """KV cache bytes at `context` tokens: full-attention layers hold every token,
-    sliding-window layers at most `sliding_window` (mlx-lm's RotatingKVCache)."""
-    per_layer_token = 2 * shape.num_key_value_heads * shape.head_dim * KV_DTYPE_BYTES
-    full = sum(1 for t in shape.layer_types if t == "full_attention")
-    sliding = len(shape.layer_types) - full
-    return per_layer_token * (full * context + sliding * min(context, shape.sliding_window))
-
-
-def max_context(shape: GptOssShape, budget_bytes: float, limit: int) -> int:
-    """The longest context (<= limit) whose KV cache fits in budget_bytes; 0 if none."""
-    if kv_cache_bytes(shape, 1) > budget_bytes:
-        return 0
-    lo, hi = 1, limit
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if kv_cache_bytes(shape, mid) <= budget_bytes:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def gpu_limit_gib(memory_gib: float, cfg: BenchmarkConfig) -> float:
-    """What macOS lets the GPU wire by default (its recommendedMaxWorkingSetSize):
-    `gpu_fraction_small` of memory at or below `small_memory_gib`, else `gpu_fraction`."""
-    small = memory_gib <= cfg.small_memory_gib
-    return memory_gib * (cfg.gpu_fraction_small if small else cfg.gpu_fraction)
-
-
-def fit_rule(cfg: BenchmarkConfig) -> str:
-    """The fit rule in words, for the metrics and the card."""
-    return (
-        f"default: the GPU may use {cfg.gpu_fraction:g} of unified memory "
-        f"({cfg.gpu_fraction_small:.3g} at {cfg.small_memory_gib:g} GiB and below), "
-        "macOS's default wired limit; raised: all but "
-        f"{cfg.os_reserve_gib:g} GiB (sudo sysctl iogpu.wired_limit_mb=N). A model fits if "
-        f"weights + {cfg.overhead_gib:g} GiB overhead fit; max_context is the longest "
-        "context whose bf16 KV cache fits in the rest (capped at max_position_embeddings)"
-    )
-
-
-def fit_table(
-    weight_bytes: int, shape: GptOssShape, max_positions: int, cfg: BenchmarkConfig
-) -> dict[str, Any]:
-    """Per memory size (GiB): fits / max_context under the default and raised limits."""
-    need = weight_bytes + cfg.overhead_gib * GIB
-    sizes: dict[str, Any] = {}
-    for memory in cfg.memory_gib:
-        row: dict[str, Any] = {"memory_gib": memory}
-        for label, limit in (
-            ("default", gpu_limit_gib(memory, cfg)),
-            ("raised", memory - cfg.os_reserve_gib),
-        ):
-            context = max_context(shape, limit * GIB - need, max_positions)
-            row[f"gpu_limit_gib_{label}"] = round(limit, 2)
-            row[f"fits_{label}"] = context > 0
-            row[f"max_context_{label}"] = context
-        sizes[str(memory)] = row
-    return {
-        "rule": fit_rule(cfg),
-        "weights_gib": round(weight_bytes / GIB, 3),
-        "overhead_gib": cfg.overhead_gib,
-        "kv_bytes_at": {str(c): kv_cache_bytes(shape, c) for c in (1024, 4096, max_positions)},
-        "sizes": sizes,
-    }
-
-
-def bandwidth_table(
-    per_token: Mapping[str, float],
-    shape: GptOssShape,
-    contexts: Iterable[int],
-    generate_tokens: int,
-    bandwidths_gbps: Mapping[str, float],
-) -> dict[str, Any]:
-    """Bytes per generated token and the tok/s each bandwidth (GB/s) alone allows.
-
-    At prompt length c the generated tokens see contexts c..c+g-1; the KV bytes read
-    per token are taken at their mean, c + (g - 1) / 2.
-    """
-    table: dict[str, Any] = {
-        "bytes_per_token": {k: round(v) for k, v in per_token.items()},
-        "contexts": {},
-    }
-    for c in contexts:
-        kv = kv_cache_bytes(shape, round(c + (generate_tokens - 1) / 2))
-        total = per_token["total"] + kv
-        table["contexts"][str(c)] = {
-            "kv_read_bytes": kv,
-            "bytes_per_token": round(total),
-            "bound_tps": {
-                name: round(gbps * 1e9 / total, 2) for name, gbps in bandwidths_gbps.items()
-            },
-        }
-    return table
-
-
-def weight_count(shape: GptOssShape) -> int:
-    """Parameters of the model (the bf16 checkpoint's element count)."""
-    return sum(w.numel for w in mlx_weights(shape))
-
-
-def precision_specs(
-    shape: GptOssShape, bits_of: Callable[[Weight], Fraction | float]
-) -> list[TensorSpec]:
-    """Stored tensors (as U8 byte counts, mlx-lm names) of the bf16 checkpoint's weights
-    at `bits_of(weight)` bits per weight (scales and biases included)."""
-    specs = []
-    for w in mlx_weights(shape):
-        nbytes = Fraction(w.numel) * Fraction(bits_of(w)) / 8
-        if nbytes.denominator != 1:
-            raise ValueError(f"{w.name}: {bits_of(w)} bits/weight is not a whole number of bytes")
-        rows = w.shape[0]
-        specs.append(TensorSpec(w.name, "U8", (rows, int(nbytes) // rows)))
-    return specs
-
-
-def recipe_bits(config: Config, shape: GptOssShape) -> Callable[[Weight], Fraction]:
-    """bits_of for `precision_specs` from the config's recipe and tiers (tierquant.recipe)."""
-    from .recipe import assign
-
-    precisions = config.precisions()
-    tier_of = {
-        w.name: tier
-        for tier, weights in assign(
-            mlx_weights(shape), config.recipe, shape.num_hidden_layers
-        ).items()
-        for w in weights
-    }
-    return lambda w: precisions[tier_of[w.name]].weight_bits(w.kind)
-
-
-# --- measurements ----------------------------------------------------------------------
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -522,19 +316,22 @@ def run_benchmark(
     return metrics, rows
 
 
-def benchmark_stage(config: Config, variant: str) -> Path:
-    """Benchmark `paths.<variant>` (model or original) into `paths.benchmark`."""
+def benchmark(
+    *, variant: str, model_dir: Path, machine_path: Path, settings: BenchmarkConfig, out_dir: Path
+) -> Path:
+    """The benchmark@<variant> stage: benchmark `model_dir` (the model or the original)
+    with `settings` on the machine `machine_path` describes; write
+    `out_dir/<variant>.json` (metrics) and `out_dir/<variant>_speed.json` (plot rows)."""
     if variant not in VARIANTS:
         raise TierquantError(f"benchmark: variant must be one of {VARIANTS}, got {variant!r}")
-    model_dir = Path(getattr(config.paths, variant))
-    machine_path = Path(config.paths.machine)
+    machine_path = Path(machine_path)
     if not machine_path.is_file():
         raise TierquantError(f"{machine_path}: missing; run the machine stage first")
     t0 = time.perf_counter()
-    metrics, rows = run_benchmark(model_dir, config.benchmark, read_json(machine_path))
+    metrics, rows = run_benchmark(Path(model_dir), settings, read_json(machine_path))
     metrics = {"variant": variant, **metrics, "seconds": round(time.perf_counter() - t0, 2)}
     rows = [{"variant": variant, **r} for r in rows]
-    out_dir = Path(config.paths.benchmark)
+    out_dir = Path(out_dir)
     out = out_dir / f"{variant}.json"
     with atomic_output(out, is_dir=False) as tmp:
         tmp.write_bytes(json_bytes(metrics))

@@ -18,9 +18,9 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .checkpoint import atomic_output, read_json
 from .config import Config
 from .errors import TierquantError
+from .files import atomic_output, read_json
 from .plan import read_plan
 from .provenance import (
     describe_revision,

@@ -9,13 +9,9 @@ tensor (or one slice), never a shard or a model.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
-import os
-import shutil
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -23,9 +19,11 @@ from typing import BinaryIO
 import numpy as np
 
 from .errors import TierquantError
+from .files import read_json, write_json
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000
+CHUNK_BYTES = 64 << 20  # bytes read at a time by iter_rows (and so by copy_tensor)
 
 # safetensors dtype -> numpy dtype used to hold the raw bytes (bf16 is kept as its
 # uint16 bit pattern: numpy has no bfloat16 and we never do arithmetic on it here).
@@ -196,6 +194,11 @@ class Checkpoint:
     def config(self) -> dict:
         return read_json(self.root / "config.json")
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data in the checkpoint (from the headers)."""
+        return sum(t.nbytes for t in self.tensors.values())
+
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
@@ -228,6 +231,16 @@ class Checkpoint:
             raise TierquantError(f"{info.path}: short read of tensor {name!r} (file truncated?)")
         return out
 
+    def iter_rows(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+        """The whole tensor, raw, as consecutive slices along its first axis of at most
+        `chunk_bytes` each (at least one row; a 0-d tensor in one piece)."""
+        info = self.info(name)
+        if not info.shape:
+            yield self.read(name)
+            return
+        for start, stop in row_slices(info.shape[0], info.row_bytes, chunk_bytes):
+            yield self.read_rows(name, start, stop)
+
     def _file(self, path: Path) -> BinaryIO:
         f = self._files.get(path)
         if f is None:
@@ -246,6 +259,13 @@ class Checkpoint:
         self.close()
 
 
+def row_slices(rows: int, row_bytes: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) row ranges covering `rows`, each at most `chunk_bytes` (>= one row)."""
+    step = max(1, chunk_bytes // max(1, row_bytes))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
 def _read_index(path: Path) -> dict[str, str]:
     data = read_json(path)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
@@ -254,25 +274,6 @@ def _read_index(path: Path) -> dict[str, str]:
     ):
         raise TierquantError(f"{path}: has no valid 'weight_map' object")
     return weight_map
-
-
-def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise TierquantError(f"{path}: file is missing") from None
-    except ValueError as e:
-        raise TierquantError(f"{path}: is not valid JSON ({e})") from e
-
-
-def json_bytes(obj: object) -> bytes:
-    """Canonical JSON for files we write: stable key order, readable, trailing newline."""
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def write_json(path: Path, obj: object) -> None:
-    Path(path).write_bytes(json_bytes(obj))
 
 
 def shard_name(index: int, count: int, *, zero_based: bool = False, prefix: str = "model") -> str:
@@ -408,72 +409,15 @@ class ShardedWriter:
             self.abort()
 
 
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path, *, is_dir: bool = True) -> Iterator[Path]:
-    """Yield a fresh temporary sibling of `path`; on success replace `path` with it.
-
-    On an exception the temporary is removed and `path` is left as it was, so an
-    output appears complete or not at all. Output files are always new inodes, never
-    edited in place: DVC may have hardlinked the old ones into its cache.
-    """
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove(tmp)  # left over by a killed run
-        if is_dir:
-            tmp.mkdir()
-        yield tmp
-        if is_dir:
-            _fsync_tree(tmp)
-        _remove(path)
-        os.replace(tmp, path)
-    except BaseException as e:
-        what = _write_failure(e, path.parent) if isinstance(e, OSError) else None
-        with contextlib.suppress(OSError):
-            _remove(tmp)
-        if what:
-            raise TierquantError(
-                f"{path}: {what} while writing it; the partial output ({tmp.name}) was "
-                "removed and any previous output is kept. Free space (or fix the "
-                "filesystem) and rerun."
-            ) from e
-        raise
-
-
-# Errors that can only come from writing the output: reported with the output's path.
-WRITE_ERRNOS = {
-    errno.ENOSPC: "no space left on device",
-    errno.EDQUOT: "disk quota exceeded (no space left for this user)",
-    errno.EFBIG: "file too large for the filesystem",
-    errno.EROFS: "read-only filesystem",
-}
-
-
-def _write_failure(e: OSError, where: Path) -> str | None:
-    """What a write error means, or None if it is not one. numpy's `tofile` (np.save)
-    reports a short write without an errno: a full filesystem is then the cause."""
-    if e.errno in WRITE_ERRNOS:
-        return WRITE_ERRNOS[e.errno]
-    if e.errno is None and "written" in str(e):
-        with contextlib.suppress(OSError):
-            if shutil.disk_usage(where).free < 1 << 20:
-                return WRITE_ERRNOS[errno.ENOSPC]
-    return None
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+def copy_tensor(
+    src: Checkpoint,
+    writer: ShardedWriter,
+    name: str,
+    progress: Callable[[int], object] | None = None,
+) -> None:
+    """Copy tensor `name` bit for bit from `src` into `writer`, CHUNK_BYTES at a time;
+    `progress(nbytes)` is called after each chunk (e.g. a tqdm bar's update)."""
+    for chunk in src.iter_rows(name):
+        writer.write(name, chunk)
+        if progress is not None:
+            progress(chunk.nbytes)

@@ -11,15 +11,14 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import TierquantError
-
-if TYPE_CHECKING:
-    from .recipe import Precision
+from .precision import Precision, parse_tiers
+from .recipe import RecipeConfig, check_recipe, typed_rules
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -126,37 +125,6 @@ class ValidateConfig:
 
 
 @dataclass
-class StrideConfig:
-    """Layers whose index, counted from the first middle layer, mod `step` is in `offsets`."""
-
-    step: int
-    offsets: list[int]
-
-
-@dataclass
-class RuleConfig:
-    """One rule of a recipe tier: every selector given must match (see tierquant.recipe)."""
-
-    kinds: list[str] | None = None  # from tierquant.gptoss.KINDS
-    names: list[str] | None = None  # fnmatch globs on the tensor name
-    layers: list[list[int]] | None = None  # absolute [start, stop) pairs
-    position: str | None = None  # "edge" or "middle" (recipe.edge_layers)
-    layer_types: list[str] | None = None  # sliding_attention / full_attention
-    stride: StrideConfig | None = None
-
-
-@dataclass
-class RecipeConfig:
-    """Which tensors form which tier (conf/recipe/<name>.yaml); bits live in `tiers`."""
-
-    name: str = "seed"
-    edge_layers: str = "1/6"  # first and last this fraction of the layers are "edge"
-    # tier -> rules; typed into RuleConfig by tierquant.recipe.typed_rules at load
-    # (OmegaConf does not type dataclasses inside a list inside a dict).
-    tiers: dict[str, list[RuleConfig]] = field(default_factory=dict)
-
-
-@dataclass
 class QuantConfig:
     """Affine quantization settings shared by every integer-bits tier."""
 
@@ -218,15 +186,13 @@ class Config:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     # tier -> precision: int bits (affine, quant.group_size), 16/bf16, or mxfp4;
-    # parsed by tierquant.recipe.parse_tiers (Config.precisions()).
+    # parsed by tierquant.precision.parse_tiers (Config.precisions()).
     tiers: dict[str, Any] = field(default_factory=dict)
     quant: QuantConfig = field(default_factory=QuantConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
 
     def precisions(self) -> dict[str, Precision]:
-        """`tiers` parsed: tier name -> tierquant.recipe.Precision, in order."""
-        from .recipe import parse_tiers
-
+        """`tiers` parsed: tier name -> tierquant.precision.Precision, in order."""
         return parse_tiers(self.tiers, self.quant.group_size)
 
 
@@ -274,8 +240,6 @@ def _check_semantics(config: Config) -> None:
 
 def _check_recipe_and_tiers(config: Config) -> None:
     """Type the recipe's rules, check their values, and parse every tier's precision."""
-    from .recipe import check_recipe, typed_rules
-
     if config.recipe.tiers:
         config.recipe.tiers = typed_rules(config.recipe.tiers)
     check_recipe(config.recipe)

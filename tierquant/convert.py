@@ -12,29 +12,18 @@ result loads with `mlx_lm.load` as is (its sanitize is skipped because
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, ShardedWriter, atomic_output, read_json, write_json
-from .config import Config
-from .gptoss import GptOssShape, mlx_float_specs, verify_original
+from .checkpoint import Checkpoint, ShardedWriter, copy_tensor
+from .files import atomic_output, read_json, write_json
+from .gptoss import GptOssShape, copy_side_files, mlx_float_specs, verify_original
 from .mxfp4 import dequantize_to_bf16_bits
 
 log = logging.getLogger(__name__)
-
-# Files that travel with the weights unchanged (config.json is rewritten).
-SIDE_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
-COPY_CHUNK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -44,17 +33,9 @@ class ConvertStats:
     shards: int
 
 
-def convert(config: Config) -> ConvertStats:
-    """The convert stage: `paths.original` → `paths.float`."""
-    return convert_checkpoint(
-        Path(config.paths.original),
-        Path(config.paths.float),
-        max_shard_bytes=config.model.max_shard_bytes,
-    )
-
-
 def convert_checkpoint(src: Path, dest: Path, *, max_shard_bytes: int) -> ConvertStats:
-    """Write the bf16, mlx-lm-named checkpoint of `src` to `dest`, atomically."""
+    """The convert stage: write the bf16, mlx-lm-named checkpoint of `src` (the original)
+    to `dest`, atomically, in shards of at most `max_shard_bytes`."""
     src, dest = Path(src), Path(dest)
     original = verify_original(src)
     config = read_json(src / "config.json")
@@ -76,26 +57,13 @@ def convert_checkpoint(src: Path, dest: Path, *, max_shard_bytes: int) -> Conver
             _convert_experts(original, writer, shape, layer, bar)
         for spec in specs:
             if spec.name in original:  # same name, same bytes
-                _copy_tensor(original, writer, spec.name, bar)
+                copy_tensor(original, writer, spec.name, bar.update)
         float_config = {k: v for k, v in config.items() if k != "quantization_config"}
         write_json(tmp / "config.json", float_config)
-        for name in SIDE_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
+        copy_side_files(src, tmp)
         shards = len(writer.shard_names)
     log.info("wrote %s: %d tensors in %d shard(s), %.2f GB", dest, len(specs), shards, total / 1e9)
     return ConvertStats(tensors=len(specs), bytes_written=total, shards=shards)
-
-
-def _copy_tensor(src: Checkpoint, writer: ShardedWriter, name: str, bar: tqdm) -> None:
-    info = src.info(name)
-    rows = info.shape[0] if info.shape else 1
-    step = max(1, COPY_CHUNK_BYTES // max(1, info.row_bytes))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        chunk = src.read_rows(name, start, stop) if info.shape else src.read(name)
-        writer.write(name, chunk)
-        bar.update(chunk.nbytes)
 
 
 def _convert_experts(

@@ -8,40 +8,56 @@ headers, every tensor config.json implies) before it is moved into place.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
-from .checkpoint import atomic_output
-from .config import Config
+from .config import SyntheticConfig
 from .errors import TierquantError
+from .files import atomic_output
 from .gptoss import verify_original
 
 log = logging.getLogger(__name__)
 
 
-def download(config: Config) -> Path:
-    """Produce `paths.original` from `model`, verify it, and move it into place."""
-    out = Path(config.paths.original)
-    model = config.model
+def download(
+    *,
+    out: Path,
+    source: str,
+    name: str,
+    synthetic: SyntheticConfig | None = None,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    allow_patterns: Sequence[str] = (),
+) -> Path:
+    """The download stage: produce `out` (the original checkpoint) from `source`
+    ("synthetic": `synthetic`'s checkpoint; "hub": `repo_id`@`revision`'s files matching
+    `allow_patterns`), verify it, and move it into place."""
+    out = Path(out)
     with atomic_output(out) as tmp:
-        if model.source == "synthetic":
+        if source == "synthetic":
             from .synthetic import write_synthetic_checkpoint
 
-            assert model.synthetic is not None
-            log.info("synthesizing gpt-oss %r (seed %d)", model.name, model.synthetic.seed)
-            write_synthetic_checkpoint(tmp, model.synthetic)
+            if synthetic is None:
+                raise TierquantError(
+                    "params: model.source is 'synthetic' but model.synthetic is null"
+                )
+            log.info("synthesizing gpt-oss %r (seed %d)", name, synthetic.seed)
+            write_synthetic_checkpoint(tmp, synthetic)
+            what = name
         else:
             from .hub import download_snapshot
 
-            assert model.repo_id and model.revision
-            log.info("downloading %s@%s", model.repo_id, model.revision)
-            sha = download_snapshot(model.repo_id, model.revision, list(model.allow_patterns), tmp)
-            log.info("resolved %s@%s to commit %s", model.repo_id, model.revision, sha)
+            if not repo_id or not revision:
+                raise TierquantError("params: a hub model needs model.repo_id and model.revision")
+            log.info("downloading %s@%s", repo_id, revision)
+            sha = download_snapshot(repo_id, revision, list(allow_patterns), tmp)
+            log.info("resolved %s@%s to commit %s", repo_id, revision, sha)
+            what = f"{repo_id}@{sha}"
         try:
             ckpt = verify_original(tmp)
         except TierquantError as e:  # the paths it names are in the temporary, now removed
-            source = f"{model.repo_id}@{sha}" if model.source != "synthetic" else model.name
-            raise TierquantError(f"{source} fails verification, not kept: {e}") from e
-        count, size = len(ckpt.tensors), sum(t.nbytes for t in ckpt.tensors.values())
+            raise TierquantError(f"{what} fails verification, not kept: {e}") from e
+        count, size = len(ckpt.tensors), ckpt.nbytes
         ckpt.close()
     log.info("wrote %s: %d tensors, %.2f GB", out, count, size / 1e9)
     return out

@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import atomic_output, read_json, write_json
 from .config import Config, EvalConfig
 from .errors import TierquantError
+from .files import atomic_output, read_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,20 @@
 """The gpt-oss architecture as files: config keys, HF tensor names and shapes.
 
-One place for what GPT-OSS.md says about the checkpoint layout, used to
+One place for what docs/gpt-oss-format.md says about the checkpoint layout, used to
 synthesize checkpoints, to verify downloads and to map names for conversion.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import Checkpoint, TensorSpec
 from .errors import TierquantError
+from .files import read_json
+from .mxfp4 import GROUP_SIZE as MXFP4_BLOCK  # values per MXFP4 block (16 bytes + 1 scale)
 
-MXFP4_BLOCK = 32  # values per MXFP4 block (16 bytes + one E8M0 scale)
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -129,25 +131,35 @@ def hf_tensor_specs(shape: GptOssShape) -> list[TensorSpec]:
     return specs
 
 
-# JSON files that travel with the weights; each must parse (as an object) where present.
-JSON_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
+# The files that travel with the weights, in every checkpoint this project reads or writes
+# (the original, data/float, data/model): the one list of them. config.json is rewritten
+# by convert and assemble; the others are copied unchanged (`copy_side_files`).
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",
 )
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+
+
+def copy_side_files(src: Path, dest: Path) -> list[str]:
+    """Copy every side file but config.json present in `src` into `dest`; their names."""
+    copied = []
+    for name in SIDE_FILES:
+        if name != "config.json" and (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dest) / name)
+            copied.append(name)
+    return copied
 
 
 def verify_side_files(root: Path) -> None:
     """Each JSON side file present parses as an object and tokenizer.json loads as a
     tokenizer (with the `tokenizers` library, which mlx-lm's loader uses), naming the file
     that does not: better at download than in the reference or benchmark stage."""
-    from .checkpoint import read_json
-
-    for name in JSON_SIDE_FILES:
+    for name in SIDE_FILES:
         path = Path(root) / name
-        if path.is_file() and not isinstance(read_json(path), dict):
+        if name.endswith(".json") and path.is_file() and not isinstance(read_json(path), dict):
             raise TierquantError(f"{path}: is not a JSON object")
     path = Path(root) / "tokenizer.json"
     if not path.is_file():
@@ -299,7 +311,6 @@ def mlx_float_specs(shape: GptOssShape) -> list[TensorSpec]:
 
 def shape_of_checkpoint(root: Path) -> GptOssShape:
     """The GptOssShape of a checkpoint directory, from its config.json."""
-    from .checkpoint import read_json
 
     path = Path(root) / "config.json"
     return GptOssShape.from_config(read_json(path), str(path))

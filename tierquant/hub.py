@@ -18,22 +18,15 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from tierquant.errors import TierquantError
+from .checkpoint import INDEX_NAME
+from .errors import TierquantError
+from .gptoss import SIDE_FILES
 
 log = logging.getLogger(__name__)
 
 # Matched against full repo paths with fnmatch, whose `*` also matches `/`: `*.safetensors`
 # would pull openai/gpt-oss-*'s `original/*.safetensors` too, hence `model-*.safetensors`.
-DEFAULT_ALLOW_PATTERNS: tuple[str, ...] = (
-    "config.json",
-    "generation_config.json",
-    "model-*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
+DEFAULT_ALLOW_PATTERNS: tuple[str, ...] = (*SIDE_FILES, "model-*.safetensors", INDEX_NAME)
 
 _CACHE_DIR = ".cache"  # snapshot_download(local_dir=...) metadata, holds timestamps
 

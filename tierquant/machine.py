@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_output, json_bytes
-from .config import Config
+from .files import atomic_output, json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +120,9 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def write_machine(config: Config) -> Path:
-    """Write `paths.machine` (a fresh file, renamed into place)."""
-    out = Path(config.paths.machine)
+def write_machine(out: Path) -> Path:
+    """The machine stage: write `machine_info()` to `out` (a fresh file, renamed into place)."""
+    out = Path(out)
     info = machine_info()
     with atomic_output(out, is_dir=False) as tmp:
         tmp.write_bytes(json_bytes(info))

@@ -17,11 +17,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_output, json_bytes, read_json
-from .config import RecipeConfig
 from .errors import TierquantError
+from .files import atomic_output, json_bytes, read_json
 from .gptoss import GptOssShape, Weight, mlx_weights, verify_original
-from .recipe import assign, check_recipe, typed_rules
+from .recipe import RecipeConfig, assign, check_recipe, typed_rules
 
 log = logging.getLogger(__name__)
 

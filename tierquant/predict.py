@@ -2,53 +2,47 @@
 
 For each tier (data/plan/<tier>.json + `tiers.<tier>`): its matrices take the tier's
 bits per weight (`Precision.bits_per_weight`: affine b + 32/g, mxfp4 4.25, bf16 16)
-and its vectors (norms, biases, sinks) 16, whatever the tier says. Bytes are exact
-(integers: every quantized matrix's numel is a multiple of its group size, which is
-checked). The original checkpoint's bytes are the sum of its tensors' sizes from the
-safetensors headers. The report goes to `<out>` (DVC metrics) and the log as a table.
+and its vectors (norms, biases, sinks) 16, whatever the tier says. Every matrix is
+checked against its tier's precision first (`tierquant.precision.check_quantizable`:
+mxfp4 for experts only, a group size that divides the input width), so a recipe and its
+bits are refused here, from the headers, before anything is converted. Bytes are exact.
+The original checkpoint's bytes are the sum of its tensors' sizes from the safetensors
+headers. The report (tierquant.size's layout) goes to `out` (DVC metrics) and the log
+as a table.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint, atomic_output, json_bytes
+from .checkpoint import Checkpoint
 from .errors import TierquantError
+from .files import atomic_output, json_bytes
 from .plan import plan_tier_names, read_plan
-from .recipe import Precision, check_tier_precision, parse_tiers
+from .precision import Precision, check_quantizable, parse_tiers
+from .size import format_table, size_report
 
 log = logging.getLogger(__name__)
 
-GIB = 1 << 30
-
 
 def tier_size(tier: str, plan: dict[str, Any], precision: Precision) -> tuple[int, Fraction]:
-    """(numel, exact bits) of one tier's tensors at `precision`."""
-    kinds = {t["kind"] for t in plan["tensors"]}
-    check_tier_precision(tier, precision, kinds)
+    """(numel, exact bits) of one tier's tensors at `precision`; refuses a tensor that
+    cannot take it (naming the tier, the tensor and what to do)."""
     numel, bits = 0, Fraction(0)
     for t in plan["tensors"]:
+        check_quantizable(tier, precision, name=t["name"], kind=t["kind"], shape=t["shape"])
         n = int(t["numel"])
-        per_weight = precision.weight_bits(t["kind"])
-        if per_weight != 16:
-            group = precision.group_size or 1
-            if not t["shape"] or t["shape"][-1] % group:
-                raise TierquantError(
-                    f"params: tiers.{tier} ({precision.label}): tensor {t['name']!r} has "
-                    f"shape {t['shape']}, whose last dimension is not a multiple of the group "
-                    f"size {group} (quant.group_size); mlx-lm would leave it unquantized. "
-                    "Use another group size or put it in an unquantized tier."
-                )
         numel += n
-        bits += n * per_weight
+        bits += n * precision.weight_bits(t["kind"])
     return numel, bits
 
 
 def predict(
-    *, plan_dir: Path, original: Path, tiers: dict[str, Any], group_size: int, out: Path
+    *, plan_dir: Path, original: Path, tiers: Mapping[str, Any], group_size: int, out: Path
 ) -> dict[str, Any]:
     """Write the predicted size report to `out` (JSON) and return it.
 
@@ -71,63 +65,14 @@ def predict(
                 f"(e.g. `+tiers.{tier}=4` on the command line)"
             )
     sizes = {t: tier_size(t, read_plan(plan_dir, t), p) for t, p in precisions.items()}
-    total_numel = sum(n for n, _ in sizes.values())
-    total_bits = sum((b for _, b in sizes.values()), Fraction(0))
     with Checkpoint(Path(original)) as ckpt:
-        original_bytes = sum(t.nbytes for t in ckpt.tensors.values())
-
-    report: dict[str, Any] = {
-        "total": _size(total_numel, total_bits, total_numel),
-        "original": {
-            "bytes": original_bytes,
-            "GiB": round(original_bytes / GIB, 3),
-            "GB": round(original_bytes / 1e9, 3),
-            "bits_per_weight": round(original_bytes * 8 / total_numel, 6),
-        },
-        "ratio_to_original": round(float(total_bits / 8 / original_bytes), 6),
-        "tiers": {
-            tier: {"precision": precisions[tier].label, **_size(n, b, total_numel)}
-            for tier, (n, b) in sizes.items()
-        },
-    }
+        original_bytes = ckpt.nbytes
+    report = size_report(
+        {t: (precisions[t].label, n, bits / 8) for t, (n, bits) in sizes.items()},
+        original_bytes,
+    )
     with atomic_output(Path(out), is_dir=False) as tmp:
         tmp.write_bytes(json_bytes(report))
     for line in format_table(report):
         log.info("%s", line)
     return report
-
-
-def _size(numel: int, bits: Fraction, total_numel: int) -> dict[str, Any]:
-    nbytes = bits / 8
-    return {
-        "params": numel,
-        "percent_params": round(100 * numel / total_numel, 4),
-        "bytes": int(nbytes) if nbytes.denominator == 1 else float(nbytes),
-        "GiB": round(float(nbytes) / GIB, 3),
-        "bits_per_weight": round(float(bits / numel), 6),
-    }
-
-
-def format_table(report: dict[str, Any]) -> list[str]:
-    """The report as a fixed-width table, one string per line."""
-    head = (
-        f"{'tier':<12} {'precision':<11} {'params':>16} {'%':>7} {'bytes':>16} "
-        f"{'GiB':>8} {'bpw':>7}"
-    )
-    lines = [head, "-" * len(head)]
-    for tier, r in report["tiers"].items():
-        lines.append(
-            f"{tier:<12} {r['precision']:<11} {r['params']:>16,} {r['percent_params']:>7.2f} "
-            f"{r['bytes']:>16,} {r['GiB']:>8.3f} {r['bits_per_weight']:>7.3f}"
-        )
-    t, o = report["total"], report["original"]
-    lines.append("-" * len(head))
-    lines.append(
-        f"{'total':<12} {'':<11} {t['params']:>16,} {100:>7.2f} {t['bytes']:>16,} "
-        f"{t['GiB']:>8.3f} {t['bits_per_weight']:>7.3f}"
-    )
-    lines.append(
-        f"{'original':<12} {'checkpoint':<11} {'':>16} {'':>7} {o['bytes']:>16,} "
-        f"{o['GiB']:>8.3f} {o['bits_per_weight']:>7.3f}"
-    )
-    return lines

@@ -44,9 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from .card import CARD_NAME, default_repo_id
-from .checkpoint import atomic_output, json_bytes, read_json
 from .config import Config
 from .errors import TierquantError
+from .files import atomic_output, json_bytes, read_json
 from .provenance import describe_revision, git_revision, params_hash, pipeline_outputs
 
 log = logging.getLogger(__name__)

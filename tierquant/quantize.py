@@ -17,43 +17,38 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .checkpoint import (
-    Checkpoint,
-    ShardedWriter,
-    TensorSpec,
-    atomic_output,
-    json_bytes,
-)
-from .config import Config
+from .checkpoint import Checkpoint, ShardedWriter, TensorSpec, copy_tensor
 from .errors import TierquantError
-from .gptoss import EXPERT_KINDS, Weight, mlx_weights, shape_of_checkpoint
+from .files import atomic_output, json_bytes
+from .gptoss import Weight, mlx_weights, shape_of_checkpoint
+from .mxfp4 import GROUP_SIZE as MXFP4_GROUP
+from .mxfp4 import NAN_SCALE
 from .plan import read_plan
-from .recipe import Precision
+from .precision import Precision, check_quantizable
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-SLICE_BYTES = 64 << 20  # bf16 input per mx.quantize call
+SLICE_BYTES = 64 << 20  # bf16 input per mx.quantize call (Checkpoint.iter_rows)
 ERROR_ROW_STRIDE = 16  # quantization error measured on every 16th row
 
 
 def quantized_specs(weight: Weight, precision: Precision) -> list[TensorSpec]:
     """The tensors a weight becomes at `precision` (mlx-lm's names, dtypes and shapes)."""
-    if not (precision.quantized and weight.is_matrix):
+    if not precision.stores_quantized(weight.kind):
         return [TensorSpec(weight.name, "BF16", weight.shape)]
     *lead, rows, cols = weight.shape
     module = weight.module
-    if precision.mode == "mxfp4":
+    if precision.mode == "mxfp4":  # 8 codes of 4 bits per uint32, one E8M0 byte per block
         return [
             TensorSpec(f"{module}.weight", "U32", (*lead, rows, cols // 8)),
-            TensorSpec(f"{module}.scales", "U8", (*lead, rows, cols // 32)),
+            TensorSpec(f"{module}.scales", "U8", (*lead, rows, cols // MXFP4_GROUP)),
         ]
     groups = cols // precision.group_size
     return [
@@ -61,29 +56,6 @@ def quantized_specs(weight: Weight, precision: Precision) -> list[TensorSpec]:
         TensorSpec(f"{module}.scales", "BF16", (*lead, rows, groups)),
         TensorSpec(f"{module}.biases", "BF16", (*lead, rows, groups)),
     ]
-
-
-def check_quantizable(weight: Weight, precision: Precision, tier: str) -> None:
-    """Refuse a precision a module cannot take, naming both."""
-    if not (precision.quantized and weight.is_matrix):
-        return
-    cols = weight.shape[-1]
-    if precision.mode == "mxfp4" and weight.kind not in EXPERT_KINDS:
-        raise TierquantError(
-            f"tier {tier!r} is mxfp4, which keeps the original checkpoint's MXFP4 bytes, "
-            f"but {weight.module} ({weight.kind}) is bf16 in the original; only expert "
-            f"modules ({', '.join(EXPERT_KINDS)}) can be mxfp4"
-        )
-    if cols % precision.group_size:
-        raise TierquantError(
-            f"quant.group_size {precision.group_size} does not divide the input width "
-            f"{cols} of {weight.module} (tier {tier!r}); pick a group size that divides it"
-        )
-    if precision.mode == "affine" and (cols * precision.bits) % 32:
-        raise TierquantError(
-            f"{weight.module}: input width {cols} × {precision.bits} bits is not a multiple "
-            f"of 32 (tier {tier!r})"
-        )
 
 
 def quantize_tier(
@@ -107,7 +79,7 @@ def quantize_tier(
         )
     weights = [by_name[n] for n in tensor_names]
     for w in weights:
-        check_quantizable(w, precision, tier)
+        check_quantizable(tier, precision, name=w.name, kind=w.kind, shape=w.shape)
     specs = [s for w in weights for s in quantized_specs(w, precision)]
     total_in = sum(w.numel * 2 for w in weights)
     modules: dict[str, dict] = {}
@@ -140,8 +112,8 @@ def quantize_tier(
     ):
         original = Checkpoint(original_dir) if precision.mode == "mxfp4" else None
         for w in weights:
-            if not (precision.quantized and w.is_matrix):
-                _copy(src, writer, w.name, bar)
+            if not precision.stores_quantized(w.kind):
+                copy_tensor(src, writer, w.name, bar.update)
                 if w.is_matrix:
                     modules[w.module] = _module_entry(w, precision, None)
                 else:
@@ -188,20 +160,6 @@ def _module_entry(w: Weight, precision: Precision, rel_rmse: float | None) -> di
     return entry
 
 
-def _slices(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
-    step = max(1, SLICE_BYTES // max(1, row_bytes))
-    for start in range(0, rows, step):
-        yield start, min(rows, start + step)
-
-
-def _copy(src: Checkpoint, writer: ShardedWriter, name: str, bar: tqdm) -> None:
-    info = src.info(name)
-    for start, stop in _slices(info.shape[0], info.row_bytes):
-        chunk = src.read_rows(name, start, stop)
-        writer.write(name, chunk)
-        bar.update(chunk.nbytes)
-
-
 def _quantize_affine(
     src: Checkpoint, writer: ShardedWriter, w: Weight, precision: Precision, bar: tqdm
 ) -> float:
@@ -211,13 +169,11 @@ def _quantize_affine(
     for those rows, an estimate for the tensor, at a fraction of the cost of
     dequantizing everything (which would make this stage about 4x slower).
     """
-    info = src.info(w.name)
     err_sq = 0.0
     ref_sq = 0.0
     module = w.module
     g, bits = precision.group_size, precision.bits
-    for start, stop in _slices(info.shape[0], info.row_bytes):
-        raw = src.read_rows(w.name, start, stop)
+    for raw in src.iter_rows(w.name, SLICE_BYTES):
         x = mx.array(raw).view(mx.bfloat16)
         wq, scales, biases = mx.quantize(x, group_size=g, bits=bits)
         sample = (..., slice(None, None, ERROR_ROW_STRIDE), slice(None))
@@ -245,17 +201,28 @@ def _repack_mxfp4(original: Checkpoint, writer: ShardedWriter, w: Weight, bar: t
     for e in range(experts):
         blocks = original.read_rows(blocks_name, e, e + 1)[:, rows]
         scales = original.read_rows(scales_name, e, e + 1)[:, rows]
-        if scales.max(initial=0) == 255:
-            raise TierquantError(f"{scales_name}: scale byte 255 (NaN in the MX spec)")
+        if scales.max(initial=0) == NAN_SCALE:
+            raise TierquantError(
+                f"{scales_name}: scale byte {NAN_SCALE} (NaN in the MX spec) in expert {e}"
+            )
         packed = np.ascontiguousarray(blocks).view(np.uint32)
         writer.write(f"{w.module}.weight", packed.reshape(*packed.shape[:-2], -1))
         writer.write(f"{w.module}.scales", np.ascontiguousarray(scales))
         bar.update(w.numel * 2 // experts)
 
 
-def quantize(config: Config, tier: str) -> dict:
-    """The quantize@<tier> stage: the tier's plan file → `paths.quantized/<tier>`."""
-    tiers = config.precisions()
+def quantize(
+    *,
+    tier: str,
+    tiers: dict[str, Precision],
+    plan_dir: Path,
+    float_dir: Path,
+    original_dir: Path,
+    out_dir: Path,
+    max_shard_bytes: int,
+) -> dict:
+    """The quantize@<tier> stage: the tier's plan file (`plan_dir/<tier>.json`) at
+    `tiers[tier]` -> `out_dir` (see `quantize_tier`)."""
     if tier not in tiers:
         raise TierquantError(
             f"params: tiers has no {tier!r} (tiers: {', '.join(tiers)}); "
@@ -263,10 +230,10 @@ def quantize(config: Config, tier: str) -> dict:
         )
     return quantize_tier(
         tier=tier,
-        tensor_names=[t["name"] for t in read_plan(Path(config.paths.plan), tier)["tensors"]],
+        tensor_names=[t["name"] for t in read_plan(Path(plan_dir), tier)["tensors"]],
         precision=tiers[tier],
-        float_dir=Path(config.paths.float),
-        original_dir=Path(config.paths.original),
-        out_dir=Path(config.paths.quantized) / tier,
-        max_shard_bytes=config.model.max_shard_bytes,
+        float_dir=Path(float_dir),
+        original_dir=Path(original_dir),
+        out_dir=Path(out_dir),
+        max_shard_bytes=max_shard_bytes,
     )

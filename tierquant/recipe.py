@@ -1,5 +1,4 @@
-"""Recipes: rules that put every tensor of the float checkpoint into one tier, and the
-precision (and bits per weight) each tier is stored at.
+"""Recipes: rules that put every tensor of the float checkpoint into one tier.
 
 A recipe (`recipe:` in params, from conf/recipe/<name>.yaml) maps tier name -> rules.
 A rule selects tensors (`tierquant.gptoss.Weight`) by any combination of
@@ -17,136 +16,61 @@ the decoder layers (embed_tokens, the final norm, lm_head) never matches `layers
 `position`, `layer_types` or `stride`. The rules of a tier are OR-ed; a tensor matched
 by no tier or by two tiers is an error, as is a rule that matches nothing.
 
-`tiers:` in params maps tier name -> precision (`parse_precision`): affine bits
-1, 2, 3, 4, 5, 6 or 8 with `quant.group_size` (32, 64 or 128: what `mx.quantize`
-supports), `16`/`bf16` (unquantized) or `mxfp4` (the original expert bytes, kept).
-Vectors (norms, biases, sinks) are always stored bf16 whatever their tier says:
-`mx.quantize` only quantizes matrices, and mlx-lm only quantizes modules' weights.
+Bits live elsewhere: `tiers:` gives each tier a precision (tierquant.precision).
+The rule schema (RuleConfig, RecipeConfig) lives here, with the rules; tierquant.config
+uses it for `recipe:` in params.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import RecipeConfig, RuleConfig
 from .errors import TierquantError
-from .gptoss import EXPERT_KINDS, KINDS, LAYER_TYPES, Weight
+from .gptoss import KINDS, LAYER_TYPES, Weight
+from .precision import check_tier_name
 
-AFFINE_BITS = (1, 2, 3, 4, 5, 6, 8)  # mx.quantize affine: not 7 (PITFALLS.md)
-GROUP_SIZES = (32, 64, 128)  # mx.quantize affine: not 16
-MXFP4_GROUP = 32
 POSITIONS = ("edge", "middle")
-TIER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
-BF16_BITS = 16
 
 
-# --- precision ---------------------------------------------------------------------------
+# --- the rule schema (`recipe:` in params) -------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Precision:
-    """How a tier's matrices are stored: `affine` (bits, group_size), `bf16` or `mxfp4`."""
+@dataclass
+class StrideConfig:
+    """Layers whose index, counted from the first middle layer, mod `step` is in `offsets`."""
 
-    mode: str  # "affine", "bf16" or "mxfp4"
-    bits: int
-    group_size: int | None = None
-
-    @property
-    def bits_per_weight(self) -> Fraction:
-        """Stored bits per matrix weight, scales and biases included.
-
-        affine: b bits + a bf16 scale and a bf16 bias per group of g = b + 32/g;
-        mxfp4: 4 bits + one E8M0 byte per 32 = 4.25; bf16: 16.
-        """
-        if self.mode == "affine":
-            assert self.group_size
-            return self.bits + Fraction(2 * BF16_BITS, self.group_size)
-        if self.mode == "mxfp4":
-            return 4 + Fraction(8, MXFP4_GROUP)
-        return Fraction(BF16_BITS)
-
-    @property
-    def label(self) -> str:
-        """Short human form: `3-bit g64`, `bf16`, `mxfp4`."""
-        if self.mode == "affine":
-            return f"{self.bits}-bit g{self.group_size}"
-        return self.mode
-
-    @property
-    def quantized(self) -> bool:
-        return self.mode != "bf16"
-
-    def quantization(self) -> dict[str, Any] | None:
-        """mlx-lm's per-module entry for config.json's `quantization` (None: bf16)."""
-        if self.mode == "affine":
-            return {"group_size": self.group_size, "bits": self.bits, "mode": "affine"}
-        if self.mode == "mxfp4":
-            return {"group_size": MXFP4_GROUP, "bits": 4, "mode": "mxfp4"}
-        return None
-
-    def weight_bits(self, kind: str) -> Fraction:
-        """Bits per weight of a tensor of `kind` in this tier (vectors: always bf16)."""
-        if kind not in KINDS or kind in ("norm", "bias", "sinks"):
-            return Fraction(BF16_BITS)
-        return self.bits_per_weight
+    step: int
+    offsets: list[int]
 
 
-BF16 = Precision("bf16", BF16_BITS)
+@dataclass
+class RuleConfig:
+    """One rule of a recipe tier: every selector given must match (see the module doc)."""
+
+    kinds: list[str] | None = None  # from tierquant.gptoss.KINDS
+    names: list[str] | None = None  # fnmatch globs on the tensor name
+    layers: list[list[int]] | None = None  # absolute [start, stop) pairs
+    position: str | None = None  # "edge" or "middle" (edge_layers)
+    layer_types: list[str] | None = None  # sliding_attention / full_attention
+    stride: StrideConfig | None = None
 
 
-def check_group_size(group_size: object, key: str = "quant.group_size") -> int:
-    """A group size mx.quantize's affine mode supports, or an error naming `key`."""
-    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
-        raise TierquantError(
-            f"params: {key} must be one of {', '.join(map(str, GROUP_SIZES))} "
-            f"(what mx.quantize supports), got {group_size!r}"
-        )
-    return int(group_size)  # type: ignore[call-overload]
+@dataclass
+class RecipeConfig:
+    """Which tensors form which tier (conf/recipe/<name>.yaml); bits live in `tiers`."""
 
-
-def parse_precision(value: object, key: str, group_size: int = 64) -> Precision:
-    """Parse a `tiers.<name>` value: int bits, `16`/`bf16`, or `mxfp4`; errors name `key`."""
-    text = value.strip().lower() if isinstance(value, str) else value
-    if isinstance(text, str) and text.isdigit():
-        text = int(text)
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text == BF16_BITS:
-            return BF16
-        if text in AFFINE_BITS:
-            return Precision("affine", text, check_group_size(group_size))
-    elif text in ("bf16", "mxfp4"):
-        return BF16 if text == "bf16" else Precision("mxfp4", 4, MXFP4_GROUP)
-    raise TierquantError(
-        f"params: {key}: {value!r} is not a supported precision; use affine bits "
-        f"{', '.join(map(str, AFFINE_BITS))} (not 7: mx.quantize has no 7-bit mode), "
-        "16 or bf16 (unquantized), or mxfp4 (original expert bytes)"
-    )
-
-
-def parse_tiers(tiers: Mapping[str, object], group_size: int) -> dict[str, Precision]:
-    """Every `tiers.<name>` parsed, in order; the first bad one raises, naming its key."""
-    check_group_size(group_size)
-    out: dict[str, Precision] = {}
-    for name, value in tiers.items():
-        check_tier_name(str(name), f"tiers.{name}")
-        out[str(name)] = parse_precision(value, f"tiers.{name}", group_size)
-    return out
-
-
-def check_tier_name(name: str, key: str) -> None:
-    """Tier names become file names (data/plan/<tier>.json) and DVC stage names."""
-    if not TIER_NAME.fullmatch(name):
-        raise TierquantError(
-            f"params: {key}: tier name {name!r} must be letters, digits, '_' or '-'"
-        )
+    name: str = "seed"
+    edge_layers: str = "1/6"  # first and last this fraction of the layers are "edge"
+    # tier -> rules; typed into RuleConfig by `typed_rules` at load (OmegaConf does not
+    # type dataclasses inside a list inside a dict).
+    tiers: dict[str, list[RuleConfig]] = field(default_factory=dict)
 
 
 # --- recipe validation -------------------------------------------------------------------
@@ -393,16 +317,3 @@ def assign(
                 f"< {lo} and >= {hi} with edge_layers {recipe.edge_layers}); fix or remove it"
             )
     return out
-
-
-def check_tier_precision(tier: str, precision: Precision, kinds: set[str]) -> None:
-    """mxfp4 keeps original expert bytes, so it only applies to expert matrices."""
-    if precision.mode == "mxfp4":
-        bad = sorted(
-            k for k in kinds if k not in EXPERT_KINDS and k not in ("norm", "bias", "sinks")
-        )
-        if bad:
-            raise TierquantError(
-                f"params: tiers.{tier}: mxfp4 keeps the original expert bytes and applies only "
-                f"to {', '.join(EXPERT_KINDS)}, but tier {tier!r} holds {', '.join(bad)}"
-            )

@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import Checkpoint, TensorInfo, read_json
+from .checkpoint import Checkpoint, TensorInfo
 from .errors import TierquantError
+from .files import read_json
 from .gptoss import MATRIX_KINDS, Weight
 from .plan import plan_tier_names, read_plan
+from .precision import Precision
 from .predict import tier_size
 from .quantize import quantized_specs
-from .recipe import Precision
 
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 SCAN_BYTES = 64 << 20  # bytes read at a time by the NaN/Inf scan
@@ -57,14 +58,8 @@ def nonfinite_count(ckpt: Checkpoint, info: TensorInfo) -> int:
     """NaN/Inf values in one float tensor, read SCAN_BYTES at a time."""
     if info.dtype not in FLOAT_DTYPES:
         return 0
-    rows = info.shape[0] if info.shape else 1
-    step = max(1, SCAN_BYTES // max(1, info.row_bytes))
     bad = 0
-    for start in range(0, rows, step):
-        if info.shape:
-            raw = ckpt.read_rows(info.name, start, min(rows, start + step))
-        else:
-            raw = ckpt.read(info.name)
+    for raw in ckpt.iter_rows(info.name, SCAN_BYTES):
         if info.dtype == "BF16":  # uint16 bit patterns: exponent all ones
             bad += int(np.count_nonzero((raw & 0x7F80) == 0x7F80))
         else:

@@ -26,9 +26,10 @@ import numpy as np
 from tqdm import tqdm
 
 from .bf16 import to_bf16_bits
-from .checkpoint import ShardedWriter, TensorSpec, write_json
+from .checkpoint import ShardedWriter, TensorSpec
 from .config import SyntheticConfig
 from .errors import TierquantError
+from .files import write_json
 from .gptoss import GptOssShape, hf_tensor_specs
 from .mxfp4 import FP4_VALUES
 from .tokenizer import build_tokenizer_files, load_corpus, special_token_ids

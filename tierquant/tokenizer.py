@@ -18,7 +18,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from tierquant.errors import TierquantError
+from .errors import TierquantError
 
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<|startoftext|>",
@@ -66,12 +66,6 @@ PRETOKENIZE_PATTERN = "|".join(
     ]
 )
 
-TOKENIZER_FILES: tuple[str, ...] = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
 
 # Harmony chat template: a short form of gpt-oss's (no tools, no date line).
 CHAT_TEMPLATE = """\

@@ -12,10 +12,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_output, write_json
 from .config import Config, ValidateConfig
 from .errors import TierquantError
 from .evaluate import quality_metrics
+from .files import atomic_output, write_json
 from .structure import check_structure
 
 log = logging.getLogger(__name__)
