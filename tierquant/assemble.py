@@ -5,7 +5,9 @@ Each tier's shards are hard-linked (not copied: at 120B the experts tier alone i
 beside an index, a config.json whose per-module `quantization` map (and
 `quantization_config`) gives every matrix its tier's precision — the router and every
 other bf16 module explicitly `false`, since mlx-lm's own gpt-oss predicate would make
-the router 8-bit — and the tokenizer and generation files. The exact size per tier and
+the router 8-bit; the top-level defaults mlx-lm requires come from the largest quantized
+tier, and a model with no quantized tier has no `quantization` at all — and the
+tokenizer and generation files. The exact size per tier and
 in total is counted from the tensors written and saved as DVC metrics (tierquant.size's
 layout, the same as predict's), with the per-module quantization error as a plot.
 """
@@ -29,6 +31,28 @@ from .quantize import MANIFEST
 from .size import format_table, size_report
 
 log = logging.getLogger(__name__)
+
+
+QUANTIZATION_KEYS = ("quantization", "quantization_config")
+
+
+def quantization_map(
+    tiers: dict[str, Precision], modules: dict[str, list[str]], params: dict[str, int]
+) -> dict[str, object] | None:
+    """config.json's `quantization` for mlx-lm: module -> its tier's entry (`false` for
+    bf16), under top-level defaults (`group_size`, `bits`, `mode`, which mlx-lm's loader
+    requires) taken from the quantized tier with the most params; None when no tier is
+    quantized (a plain bf16 model, which must carry no `quantization` at all)."""
+    quantized = [t for t in tiers if tiers[t].quantized]
+    if not quantized:
+        return None
+    largest = max(quantized, key=lambda t: params[t])
+    out: dict[str, object] = dict(tiers[largest].quantization() or {})
+    for tier, names in modules.items():
+        entry = tiers[tier].quantization() or False
+        for module in names:
+            out[module] = entry
+    return out
 
 
 def _link_or_copy(src: Path, dest: Path) -> str:
@@ -92,22 +116,15 @@ def assemble_model(
     sources = [(t, s) for t, m in manifests.items() for s in m["shards"]]
     count = len(sources)
     weight_map: dict[str, str] = {}
-    quantization: dict[str, object] = {}
-    main_tier = max(manifests, key=lambda t: manifests[t]["params"])
-    default = tiers[main_tier].quantization()
-    if default:
-        quantization.update(default)
-    for tier, manifest in manifests.items():
-        entry = tiers[tier].quantization() or False
-        for module in manifest["modules"]:
-            quantization[module] = entry
-
+    quantization = quantization_map(
+        tiers,
+        {t: m["modules"] for t, m in manifests.items()},
+        {t: m["params"] for t, m in manifests.items()},
+    )
     float_config = read_json(float_dir / "config.json")
-    model_config = {
-        **float_config,
-        "quantization": quantization,
-        "quantization_config": quantization,
-    }
+    model_config = {k: v for k, v in float_config.items() if k not in QUANTIZATION_KEYS}
+    if quantization is not None:
+        model_config.update({key: quantization for key in QUANTIZATION_KEYS})
     with atomic_output(out_dir) as tmp:
         how = set()
         for k, (tier, shard) in enumerate(sources):

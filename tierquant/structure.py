@@ -1,11 +1,13 @@
 """Structural checks of an assembled model against the plan and the tier params.
 
 `check_structure(model_dir, plan_dir, tiers)` reads safetensors headers, config.json and
-`plan_dir/<tier>.json`; it loads no model. It checks that config.json's `quantization`
+`plan_dir/<tier>.json`; it evaluates no weights. It checks that config.json's `quantization`
 (and `quantization_config`) gives every planned module its tier's precision and every
-bf16 module none; that every tensor has the dtype and shape of that precision (so the
-bits stored are the bits asked for); that nothing unplanned is present; that no float
-tensor holds NaN or Inf (streamed in row slices, one tensor at a time); and that the
+bf16 module none, and that stock mlx-lm's loader accepts config.json and the tensors
+(`loader_problem`: built lazily, no weight data read); that every tensor has the dtype
+and shape of that precision (so the bits stored are the bits asked for); that nothing
+unplanned is present; that no float tensor holds NaN or Inf and no mxfp4 scale byte is
+255 (E8M0's NaN) (streamed in row slices, one tensor at a time); and that the
 model's bits per weight, counted from the bytes on disk, equals the plan's prediction
 (tierquant.predict.tier_size) within `validate.bpw_tolerance`.
 """
@@ -23,6 +25,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .errors import TierquantError
 from .files import read_json
 from .gptoss import MATRIX_KINDS, Weight
+from .mxfp4 import NAN_SCALE
 from .plan import plan_tier_names, read_plan
 from .precision import Precision
 from .predict import tier_size
@@ -54,17 +57,41 @@ class StructureReport:
         }
 
 
-def nonfinite_count(ckpt: Checkpoint, info: TensorInfo) -> int:
-    """NaN/Inf values in one float tensor, read SCAN_BYTES at a time."""
-    if info.dtype not in FLOAT_DTYPES:
+def nonfinite_count(ckpt: Checkpoint, info: TensorInfo, *, e8m0: bool = False) -> int:
+    """NaN/Inf values in one float tensor, or NaN scale bytes (255) in an E8M0 scales
+    tensor (`e8m0`: an mxfp4 module's `scales`), read SCAN_BYTES at a time."""
+    if not e8m0 and info.dtype not in FLOAT_DTYPES:
         return 0
     bad = 0
     for raw in ckpt.iter_rows(info.name, SCAN_BYTES):
-        if info.dtype == "BF16":  # uint16 bit patterns: exponent all ones
+        if e8m0:
+            bad += int(np.count_nonzero(raw == NAN_SCALE))
+        elif info.dtype == "BF16":  # uint16 bit patterns: exponent all ones
             bad += int(np.count_nonzero((raw & 0x7F80) == 0x7F80))
         else:
             bad += int(np.count_nonzero(~np.isfinite(raw)))
     return bad
+
+
+def loader_problem(model_dir: Path) -> str | None:
+    """Why stock mlx-lm's loader refuses `model_dir`, or None if it accepts it.
+
+    `mlx_lm.utils.load_model(lazy=True)`: mlx-lm's own model classes built from
+    config.json, its quantization map applied, every tensor's name and shape checked
+    against them; no weight data is read (MLX loads lazily, nothing is evaluated).
+    """
+    from mlx_lm.utils import load_model
+
+    try:
+        model, _ = load_model(Path(model_dir), lazy=True)
+    except Exception as e:  # mlx-lm raises many types; the message is what helps
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return (
+            f"config.json: stock mlx-lm's loader (mlx_lm.load) rejects the model: "
+            f"{type(e).__name__}: {first}"
+        )
+    del model
+    return None
 
 
 def _config_entry(config_q: dict[str, Any] | None, module: str) -> tuple[bool, Any]:
@@ -102,6 +129,7 @@ def check_structure(
     with Checkpoint(model_dir) as ckpt:
         infos = ckpt.tensors
         expected: set[str] = set()
+        e8m0: set[str] = set()  # mxfp4 modules' scales
         numel, predicted_bits = 0, Fraction(0)
         for tier, precision in tiers.items():
             if tier not in planned:
@@ -113,6 +141,8 @@ def check_structure(
                 w = Weight(t["name"], t["kind"], t.get("layer"), None, tuple(t["shape"]))
                 specs = quantized_specs(w, precision)
                 expected.update(s.name for s in specs)
+                if precision.mode == "mxfp4":
+                    e8m0.update(s.name for s in specs if s.name.endswith(".scales"))
                 for spec in specs:
                     info = infos.get(spec.name)
                     if info is None:
@@ -140,12 +170,16 @@ def check_structure(
         for name in sorted(set(infos) - expected):
             problems.append(f"{name}: in the model but in no tier's plan")
         for name, info in infos.items():
-            bad = nonfinite_count(ckpt, info)
+            bad = nonfinite_count(ckpt, info, e8m0=name in e8m0)
             if bad:
                 report.nonfinite_tensors += 1
-                problems.append(f"{name}: {bad} NaN/Inf value(s)")
+                what = "NaN scale byte(s) (E8M0 255)" if name in e8m0 else "NaN/Inf value(s)"
+                problems.append(f"{name}: {bad} {what}")
         report.tensors = len(infos)
-        report.bytes = sum(i.nbytes for i in infos.values())
+        report.bytes = ckpt.nbytes
+    loader = loader_problem(model_dir)
+    if loader:
+        problems.append(loader)
     if numel == 0:
         raise TierquantError(f"{plan_dir}: the plan lists no tensors; rerun the plan stage")
     report.params = numel
