@@ -281,10 +281,31 @@ def test_seed_recipe_on_gpt_oss_20b(real_checkpoints, tmp_path):
     assert round(report["total"]["bits_per_weight"], 3) == 3.753
 
 
-def test_group_size_must_divide_rows(real_checkpoints, tmp_path):
+def test_group_size_must_divide_the_input_width(real_checkpoints, tmp_path):
     # 2880 is not a multiple of 128: mlx-lm would silently skip those matrices
     with pytest.raises(TierquantError, match="quant.group_size"):
         predicted(real_checkpoints["gpt-oss-20b"], tmp_path, config("quant.group_size=128"))
+
+
+def test_predict_stage_refuses_a_group_size_before_convert(tmp_path):
+    """hidden 96 with group 64: `dvc repro predict` (headers only) says so, not quantize."""
+    original = write_header_only_checkpoint(tmp_path / "original", tiny_spec(hidden_size=96))
+    plan(original=original, recipe=config().recipe, out=tmp_path / "plan")
+    out = tmp_path / "predicted_size.json"
+    proc = run_stage(
+        "predict",
+        f"paths.original={original}",
+        f"paths.plan={tmp_path / 'plan'}",
+        f"paths.predict={out}",
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: params: tiers.")
+    assert "quant.group_size" in error and ", 96]" in error  # the key, the width
+    assert "tensor 'lm_head.weight'" in error  # the tensor
+    assert "Use a group size that divides it" in error  # what to do
+    assert not out.exists()
 
 
 # --- mixed_3_6 is mlx-lm's predicate -----------------------------------------------------
