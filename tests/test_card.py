@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
 
 from tests.conftest import build_model
+from tierquant.bench import VARIANTS, Measured, benchmark_report, write_benchmark
 from tierquant.card import TEMPLATE, build_card, layer_ranges, module_summary
 from tierquant.config import compose, validate
 from tierquant.provenance import override_value, params_diff, repro_command
@@ -33,49 +35,34 @@ QUALITY = {
 }
 
 
-def _bench(variant: str, gen: float) -> dict:
-    """A benchmark metrics file of the shape tierquant.bench writes."""
-    contexts = {"128": 1, "512": 2}
-    return {
-        "variant": variant,
-        "machine": {"cpu": "Test CPU", "backend": "cpu", "memory_gib": 24},
-        "settings": {"generate_tokens": 32, "trials": 3, "warmup": 1},
-        "speed": {
-            c: {
-                "prefill_tps": {"median": 111.5 * k + (variant == "model")},
-                "generation_tps": {"median": gen * k},
-                "peak_memory_gib": 0.0045 * k,
-            }
-            for c, k in contexts.items()
-        },
-        "bandwidth": {
-            "bytes_per_token": {"total": 1234567 if variant == "model" else 2345678},
-            "contexts": {
-                c: {
-                    "bound_tps": {"M2 Max": 777.7 * k, "this machine": 55.5},
-                    "measured_tps": gen * k,
-                    "efficiency": 0.25,
+BENCH = {"contexts": [128, 512], "generate_tokens": 32, "trials": 1, "warmup": 1}
+MACHINE = {"cpu": "Test CPU", "backend": "cpu", "memory_gib": 24}
+
+
+def _write_bench(out_dir: Path, variant: str, model_dir: Path, gen: float) -> dict:
+    """Write benchmark files with tierquant.bench's own report and writer, from chosen
+    measurements (the tables are computed from `model_dir`'s headers); the metrics."""
+    cfg = replace(validate(compose()).benchmark, **BENCH)  # conf/'s chips
+    k = {128: 1, 512: 2}
+    measured = Measured(
+        load_s=0.5,
+        memory_source="test",
+        after_load_bytes=1 << 20,
+        runs={
+            c: [
+                {
+                    "prefill_tps": 111.5 * k[c] + (variant == "model"),
+                    "generation_tps": gen * k[c],
+                    "peak_bytes": int(0.0045 * k[c] * 2**30),
                 }
-                for c, k in contexts.items()
-            },
-            "machine": {"gbps": 18.26},
+            ]
+            for c in cfg.contexts
         },
-        "fit": {
-            "rule": "default: the GPU may use 0.75 of unified memory",
-            "weights_gib": 0.003,
-            "sizes": {
-                "64": {
-                    "memory_gib": 64,
-                    "gpu_limit_gib_default": 48.0,
-                    "fits_default": True,
-                    "max_context_default": 131072,
-                    "gpu_limit_gib_raised": 56.0,
-                    "fits_raised": True,
-                    "max_context_raised": 131072,
-                }
-            },
-        },
-    }
+        seconds=dict.fromkeys(cfg.contexts, 1.0),
+        bandwidth={"gbps": 18.26},
+    )
+    metrics, rows = benchmark_report(model_dir, cfg, MACHINE, measured)
+    return json.loads(write_benchmark(out_dir, variant, metrics, rows).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +71,8 @@ def run_dir(tiny_original: Path, tiny_float: Path, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("card")
     build_model(root, tiny_original, tiny_float)
     (root / "validate.json").write_text(json.dumps(QUALITY))
-    (root / "benchmark").mkdir()
-    (root / "benchmark" / "model.json").write_text(json.dumps(_bench("model", 42.25)))
-    (root / "benchmark" / "original.json").write_text(json.dumps(_bench("original", 33.75)))
+    _write_bench(root / "benchmark", "model", root / "model", 42.25)
+    _write_bench(root / "benchmark", "original", tiny_original, 33.75)
     return root
 
 
@@ -122,8 +108,15 @@ def test_card_numbers_come_from_the_metrics(run_dir: Path) -> None:
     assert "| 128 | 112.5 | 111.5 | 42.2 | 33.8 |" in text  # prefill / generation medians
     assert "Test CPU, 24 GiB" in text
     assert "| 64 | 48.0 | yes | 131,072 | 56.0 | yes | 131,072 |" in text
-    assert "| M2 Max | 400 | 777.7 | 777.7 | 1555.4 | 1555.4 |" in text
-    assert "1,234,567" in text and "2,345,678" in text
+    bench = {v: json.loads((run_dir / "benchmark" / f"{v}.json").read_text()) for v in VARIANTS}
+    bounds = [
+        f"{bench[v]['bandwidth']['contexts'][c]['bound_tps']['M2 Max']:.1f}"
+        for c in ("128", "512")
+        for v in ("model", "original")
+    ]
+    assert f"| M2 Max | 400 | {' | '.join(bounds)} |" in text
+    for v in VARIANTS:
+        assert f"{round(bench[v]['bandwidth']['bytes_per_token']['total']):,}" in text
     # usage and reproduction
     assert 'load("someone/tiny-tierquant-seed")' in text and "apply_chat_template" in text
     assert "git checkout" in text and "params hash" in text

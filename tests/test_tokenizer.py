@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -190,11 +189,17 @@ def test_bad_sizes_raise() -> None:
         build_tokenizer_files(300, "tiny corpus")
 
 
-def test_build_is_fast() -> None:
-    corpus = load_corpus()
-    start = time.perf_counter()
-    build_tokenizer_files(2000, corpus)
-    assert time.perf_counter() - start < 2.0
+def test_a_larger_vocab_builds_whole() -> None:
+    """2000 regular tokens from the bundled corpus: every id used once, specials after."""
+    from tokenizers import Tokenizer
+
+    files = build_tokenizer_files(2000, load_corpus())
+    tok = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+    assert tok.get_vocab_size() == 2000 + 21
+    assert sorted(tok.get_vocab().values()) == list(range(2000 + 21))
+    assert tok.token_to_id("<|startoftext|>") == 2000
+    text = "The sea was calm, and the ship sailed on."
+    assert tok.decode(tok.encode(text).ids) == text
 
 
 def test_hf_round_trip(hf_tok) -> None:

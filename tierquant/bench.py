@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -219,71 +220,107 @@ def time_context(
     return runs
 
 
+@dataclass
+class Measured:
+    """What a benchmark run measures; every other figure is computed from these and the
+    model's headers (`benchmark_report`)."""
+
+    load_s: float  # mlx_lm.load, weights evaluated
+    memory_source: str  # PeakMemory.source
+    after_load_bytes: int
+    # prompt length -> its timed runs: {"prefill_tps", "generation_tps", "peak_bytes"}
+    runs: dict[int, list[dict[str, float]]]
+    seconds: dict[int, float]  # prompt length -> wall time of its runs
+    bandwidth: dict[str, Any]  # measure_read_bandwidth's result
+
+
 def run_benchmark(
     model_dir: Path, cfg: BenchmarkConfig, machine: Mapping[str, Any] | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Benchmark the model in `model_dir`: (metrics, plot rows). See the module doc."""
     model_dir = Path(model_dir)
-    shape, max_positions = check_contexts(model_dir, cfg)
-    with Checkpoint(model_dir) as ckpt:
-        tensors = list(ckpt.tensors.values())
-    size = stored_bytes(tensors)
-    disk = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
-    per_token = bytes_per_token(tensors, shape)
-
+    shape, _ = check_contexts(model_dir, cfg)
     memory = PeakMemory()
     memory.reset()
     model, tokenizer, load_s = load_model(model_dir)
     after_load = memory.current()
     tokenizer.eos_token_ids = set()  # as mlx_lm.benchmark: never stop early
     log.info("loaded %s in %.2f s (%.3f GiB in memory)", model_dir, load_s, after_load / GIB)
-
-    speed: dict[str, Any] = {}
-    rows: list[dict[str, Any]] = []
+    runs: dict[int, list[dict[str, float]]] = {}
+    seconds: dict[int, float] = {}
     for c in cfg.contexts:
         t0 = time.perf_counter()
         prompt = prompt_tokens(shape.vocab_size, c, cfg.seed)
-        runs = time_context(model, tokenizer, prompt, cfg, memory)
+        runs[c] = time_context(model, tokenizer, prompt, cfg, memory)
+        seconds[c] = time.perf_counter() - t0
+        log.info(
+            "context %d: prefill %.1f tok/s, generation %.1f tok/s (medians of %d), peak %.3f GiB",
+            c,
+            statistics.median(r["prefill_tps"] for r in runs[c]),
+            statistics.median(r["generation_tps"] for r in runs[c]),
+            cfg.trials,
+            max(r["peak_bytes"] for r in runs[c]) / GIB,
+        )
+    del model
+    measured = Measured(
+        load_s=load_s,
+        memory_source=memory.source,
+        after_load_bytes=after_load,
+        runs=runs,
+        seconds=seconds,
+        bandwidth=measure_read_bandwidth(cfg.probe_mib),
+    )
+    return benchmark_report(model_dir, cfg, machine, measured)
+
+
+def benchmark_report(
+    model_dir: Path,
+    cfg: BenchmarkConfig,
+    machine: Mapping[str, Any] | None,
+    measured: Measured,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The benchmark metrics and plot rows of `model_dir` from what was `measured`: the
+    speed summaries, and the size, fit and bandwidth tables from the model's headers."""
+    model_dir = Path(model_dir)
+    shape, max_positions = check_contexts(model_dir, cfg)
+    with Checkpoint(model_dir) as ckpt:
+        tensors = list(ckpt.tensors.values())
+    size = stored_bytes(tensors)
+    disk = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+    speed: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    for c in cfg.contexts:
+        runs = measured.runs[c]
         prefill = summarize([r["prefill_tps"] for r in runs])
         generation = summarize([r["generation_tps"] for r in runs])
-        peak = max(r["peak_bytes"] for r in runs)
+        peak_gib = round(max(r["peak_bytes"] for r in runs) / GIB, 4)
         speed[str(c)] = {
             "prompt_tokens": c,
             "prefill_tps": prefill,
             "generation_tps": generation,
-            "peak_memory_gib": round(peak / GIB, 4),
-            "seconds": round(time.perf_counter() - t0, 2),
+            "peak_memory_gib": peak_gib,
+            "seconds": round(measured.seconds[c], 2),
         }
         rows.append(
             {
                 "context": c,
                 "prefill_tps": prefill["median"],
                 "generation_tps": generation["median"],
-                "peak_memory_gib": round(peak / GIB, 4),
+                "peak_memory_gib": peak_gib,
             }
         )
-        log.info(
-            "context %d: prefill %.1f tok/s, generation %.1f tok/s (medians of %d), peak %.3f GiB",
-            c,
-            prefill["median"],
-            generation["median"],
-            cfg.trials,
-            peak / GIB,
-        )
-    del model
-    bandwidth = measure_read_bandwidth(cfg.probe_mib)
     table = bandwidth_table(
-        per_token,
+        bytes_per_token(tensors, shape),
         shape,
         cfg.contexts,
         cfg.generate_tokens,
-        {**cfg.chips, THIS_MACHINE: bandwidth["gbps"]},
+        {**cfg.chips, THIS_MACHINE: measured.bandwidth["gbps"]},
     )
     for c, row in table["contexts"].items():
         bound = row["bound_tps"][THIS_MACHINE]
         row["measured_tps"] = speed[c]["generation_tps"]["median"]
         row["efficiency"] = round(row["measured_tps"] / bound, 4) if bound else math.nan
-    table["machine"] = bandwidth
+    table["machine"] = measured.bandwidth
 
     metrics: dict[str, Any] = {
         "path": str(model_dir),
@@ -303,10 +340,10 @@ def run_benchmark(
             "bits_per_weight": round(8 * size["total"] / weight_count(shape), 4),
             "parts_bytes": {k: size[k] for k in PARTS},
         },
-        "load_s": round(load_s, 3),
+        "load_s": round(measured.load_s, 3),
         "memory": {
-            "source": memory.source,
-            "after_load_gib": round(after_load / GIB, 4),
+            "source": measured.memory_source,
+            "after_load_gib": round(measured.after_load_bytes / GIB, 4),
             "peak_gib": max(s["peak_memory_gib"] for s in speed.values()),
         },
         "speed": speed,
@@ -314,6 +351,20 @@ def run_benchmark(
         "fit": fit_table(size["total"], shape, max_positions, cfg),
     }
     return metrics, rows
+
+
+def write_benchmark(
+    out_dir: Path, variant: str, metrics: dict[str, Any], rows: list[dict[str, Any]]
+) -> Path:
+    """Write `out_dir/<variant>.json` (the metrics, tagged with the variant) and
+    `<variant>_speed.json` (the plot rows), each a fresh file; the metrics path."""
+    out_dir = Path(out_dir)
+    out = out_dir / f"{variant}.json"
+    with atomic_output(out, is_dir=False) as tmp:
+        tmp.write_bytes(json_bytes({"variant": variant, **metrics}))
+    with atomic_output(out_dir / f"{variant}_speed.json", is_dir=False) as tmp:
+        tmp.write_bytes(json_bytes([{"variant": variant, **r} for r in rows]))
+    return out
 
 
 def benchmark(
@@ -329,13 +380,7 @@ def benchmark(
         raise TierquantError(f"{machine_path}: missing; run the machine stage first")
     t0 = time.perf_counter()
     metrics, rows = run_benchmark(Path(model_dir), settings, read_json(machine_path))
-    metrics = {"variant": variant, **metrics, "seconds": round(time.perf_counter() - t0, 2)}
-    rows = [{"variant": variant, **r} for r in rows]
-    out_dir = Path(out_dir)
-    out = out_dir / f"{variant}.json"
-    with atomic_output(out, is_dir=False) as tmp:
-        tmp.write_bytes(json_bytes(metrics))
-    with atomic_output(out_dir / f"{variant}_speed.json", is_dir=False) as tmp:
-        tmp.write_bytes(json_bytes(rows))
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    out = write_benchmark(Path(out_dir), variant, metrics, rows)
     log.info("wrote %s (%.1f s)", out, metrics["seconds"])
     return out
