@@ -20,7 +20,7 @@ REAL_SIZES = {
 
 
 def real_spec(model: str) -> SyntheticConfig:
-    """The sizes of openai/gpt-oss-120b or -20b (GPT-OSS.md) as a SyntheticConfig."""
+    """The sizes of openai/gpt-oss-120b or -20b (docs/gpt-oss-format.md) as a SyntheticConfig."""
     return SyntheticConfig(
         num_experts_per_tok=4,
         hidden_size=2880,

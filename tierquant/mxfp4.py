@@ -1,7 +1,8 @@
 """MXFP4 (OCP microscaling FP4) codec: exact decode to bf16 bit patterns, and an encoder.
 
-Layout (see GPT-OSS.md, "MXFP4 packing"): blocks uint8 ``[..., G, 16]`` hold 32 e2m1 codes
-per group, low nibble first; scales uint8 ``[..., G]`` are E8M0 exponents, ``2^(s - 127)``.
+Layout (see docs/gpt-oss-format.md, "MXFP4 packing"): blocks uint8 ``[..., G, 16]`` hold
+32 e2m1 codes per group, low nibble first; scales uint8 ``[..., G]`` are E8M0 exponents,
+``2^(s - 127)``.
 
 Decoding uses a 65536-entry uint32 table indexed by ``scale << 8 | byte`` that yields the two
 bf16 values of one byte at once (low 16 bits = earlier element). The table is built from exact
