@@ -18,7 +18,7 @@ FP4 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6
 
 
 def reference_dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """docs/gpt-oss-format.md's formula, elementwise in float64, then exact truncation to bf16 bits."""
+    """The MXFP4 formula (docs/gpt-oss-format.md) in float64, then exact truncation to bf16."""
     low, high = blocks & 0xF, blocks >> 4
     codes = np.stack([low, high], axis=-1).reshape(*blocks.shape[:-1], 32)
     values = np.ldexp(FP4[codes], scales.astype(np.int64)[..., None] - 127)
