@@ -4,21 +4,30 @@ The files mimic the layout of openai/gpt-oss-120b's tokenizer (o200k_harmony con
 Hugging Face ``tokenizers`` format): a byte-level BPE ``tokenizer.json`` whose regular tokens
 are followed by the 21 Harmony special tokens, plus ``tokenizer_config.json``,
 ``special_tokens_map.json`` and a Harmony ``chat_template.jinja``. The BPE merges are learned
-here, offline and deterministically, from a small public-domain corpus.
+offline and deterministically from a small public-domain corpus by the ``tokenizers``
+library's BpeTrainer (the library mlx-lm and transformers load tokenizer.json with).
 """
 
 from __future__ import annotations
 
-import heapq
 import json
-from collections import Counter, defaultdict
-from functools import lru_cache
 from importlib import resources
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+
 from .errors import TierquantError
+from .files import json_bytes
 
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<|startoftext|>",
@@ -114,174 +123,45 @@ def load_corpus() -> str:
     return resources.files("tierquant").joinpath("assets/corpus.txt").read_text(encoding="utf-8")
 
 
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's ByteLevel alphabet: a printable character standing for each byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
+def train_tokenizer(corpus: str, num_regular: int) -> Tokenizer:
+    """A byte-level BPE tokenizer laid out like gpt-oss's, trained on ``corpus``.
 
-
-def _base_tokens() -> list[str]:
-    """The 256 byte tokens in o200k's order (the ByteLevel characters by code point)."""
-    return sorted(bytes_to_unicode().values())
-
-
-def _word_counts(corpus: str) -> Counter[str]:
-    """Pre-tokenize ``corpus`` like o200k and count each piece in ByteLevel form."""
-    import regex  # a dependency of transformers; imported here to keep import time low
-
-    table = bytes_to_unicode()
-    counts: Counter[str] = Counter()
-    for piece in regex.findall(PRETOKENIZE_PATTERN, corpus):
-        counts["".join(table[b] for b in piece.encode("utf-8"))] += 1
-    return counts
-
-
-def train_bpe(corpus: str, num_regular: int) -> tuple[list[str], list[tuple[str, str]]]:
-    """Learn byte-level BPE merges from ``corpus`` until there are ``num_regular`` tokens.
-
-    Returns the regular tokens in id order and the merges in rank order. The most frequent
-    pair is merged first; ties go to the lexicographically smallest pair.
+    The `tokenizers` library's BpeTrainer learns the merges (deterministic: most frequent
+    pair first) from the 256 ByteLevel byte tokens (ids 0-255, by code point: "!" is 0)
+    until there are ``num_regular`` regular tokens; the 21 special tokens follow them.
     """
-    base = _base_tokens()
-    if num_regular < len(base):
-        raise TierquantError(f"num_regular must be at least {len(base)}, got {num_regular}")
-    counts = _word_counts(corpus)
-    words = sorted(counts)
-    freqs = [counts[w] for w in words]
-    symbols: list[list[str]] = [list(w) for w in words]
-
-    pair_counts: defaultdict[tuple[str, str], int] = defaultdict(int)
-    where: defaultdict[tuple[str, str], set[int]] = defaultdict(set)
-    for i, syms in enumerate(symbols):
-        for pair in pairwise(syms):
-            pair_counts[pair] += freqs[i]
-            where[pair].add(i)
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
-
-    vocab = list(base)
-    known = set(base)
-    merges: list[tuple[str, str]] = []
-    while len(vocab) < num_regular:
-        while heap:
-            neg, best = heapq.heappop(heap)
-            if pair_counts.get(best, 0) == -neg:
-                break
-        else:
-            raise TierquantError(
-                f"corpus too small: BPE ran out of pairs at {len(vocab)} of {num_regular} tokens"
-            )
-        first, second = best
-        merged = first + second
-        merges.append(best)
-        if merged not in known:
-            known.add(merged)
-            vocab.append(merged)
-        touched: set[tuple[str, str]] = set()
-        for i in where.pop(best):
-            syms, freq = symbols[i], freqs[i]
-            for pair in pairwise(syms):
-                pair_counts[pair] -= freq
-                touched.add(pair)
-            out: list[str] = []
-            j = 0
-            while j < len(syms):
-                if j + 1 < len(syms) and syms[j] == first and syms[j + 1] == second:
-                    out.append(merged)
-                    j += 2
-                else:
-                    out.append(syms[j])
-                    j += 1
-            symbols[i] = out
-            for pair in pairwise(out):
-                pair_counts[pair] += freq
-                where[pair].add(i)
-                touched.add(pair)
-        for pair in touched:
-            count = pair_counts[pair]
-            if count > 0:
-                heapq.heappush(heap, (-count, pair))
-            else:
-                del pair_counts[pair]
-    return vocab, merges
-
-
-def _dumps(obj: Any) -> bytes:
-    """Serialize JSON deterministically: fixed key order, 2-space indent, trailing newline."""
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def _added_token(token_id: int, content: str) -> dict[str, Any]:
-    """One ``added_tokens`` entry of tokenizer.json, as ``tokenizers`` serializes it."""
-    return {
-        "id": token_id,
-        "content": content,
-        "single_word": False,
-        "lstrip": False,
-        "rstrip": False,
-        "normalized": False,
-        "special": True,
-    }
-
-
-def _tokenizer_json(vocab: list[str], merges: list[tuple[str, str]]) -> dict[str, Any]:
-    """tokenizer.json laid out like gpt-oss's (transformers' TikTokenConverter output)."""
-    specials = special_token_ids(len(vocab))
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [_added_token(i, tok) for tok, i in specials.items()],
-        "normalizer": None,
-        "pre_tokenizer": {
-            "type": "Sequence",
-            "pretokenizers": [
-                {
-                    "type": "Split",
-                    "pattern": {"Regex": PRETOKENIZE_PATTERN},
-                    "behavior": "Isolated",
-                    "invert": False,
-                },
-                {
-                    "type": "ByteLevel",
-                    "add_prefix_space": False,
-                    "trim_offsets": True,
-                    "use_regex": False,
-                },
-            ],
-        },
-        "post_processor": {
-            "type": "ByteLevel",
-            "add_prefix_space": True,
-            "trim_offsets": False,
-            "use_regex": True,
-        },
-        "decoder": {
-            "type": "ByteLevel",
-            "add_prefix_space": True,
-            "trim_offsets": True,
-            "use_regex": True,
-        },
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": True,
-            "vocab": {tok: i for i, tok in enumerate(vocab)},
-            "merges": [list(pair) for pair in merges],
-        },
-    }
+    if num_regular < NUM_BYTE_TOKENS:
+        raise TierquantError(f"num_regular must be at least {NUM_BYTE_TOKENS}, got {num_regular}")
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
+    tok.post_processor = processors.ByteLevel(
+        add_prefix_space=True, trim_offsets=False, use_regex=True
+    )
+    tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=num_regular,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([corpus], trainer)
+    got = tok.get_vocab_size(with_added_tokens=False)
+    if got < num_regular:
+        raise TierquantError(
+            f"corpus too small: BPE ran out of pairs at {got} of {num_regular} tokens"
+        )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    specials = special_token_ids(num_regular)
+    if any(tok.token_to_id(t) != i for t, i in specials.items()):  # the layout gpt-oss has
+        raise TierquantError(
+            f"tokenizer: the 21 special tokens must take ids {num_regular}.."
+            f"{num_regular + 20}, right after the regular tokens (the gpt-oss layout)"
+        )
+    return tok
 
 
 def _tokenizer_config(num_regular: int) -> dict[str, Any]:
@@ -312,12 +192,12 @@ def _tokenizer_config(num_regular: int) -> dict[str, Any]:
 
 def build_tokenizer_files(num_regular: int, corpus: str) -> dict[str, bytes]:
     """Build the tokenizer files: file name -> exact bytes, identical for identical inputs."""
-    vocab, merges = train_bpe(corpus, num_regular)
+    tok = train_tokenizer(corpus, num_regular)
     special_map = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
     return {
-        "tokenizer.json": _dumps(_tokenizer_json(vocab, merges)),
-        "tokenizer_config.json": _dumps(_tokenizer_config(num_regular)),
-        "special_tokens_map.json": _dumps(special_map),
+        "tokenizer.json": json_bytes(json.loads(tok.to_str())),
+        "tokenizer_config.json": json_bytes(_tokenizer_config(num_regular)),
+        "special_tokens_map.json": json_bytes(special_map),
         "chat_template.jinja": CHAT_TEMPLATE.encode("utf-8"),
     }
 
