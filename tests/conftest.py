@@ -79,6 +79,22 @@ def build_model(root: Path, original: Path, float_dir: Path, overrides: list[str
     return config, root / "model", metrics
 
 
+@pytest.fixture(scope="session")
+def models(tiny_original, tiny_float, tmp_path_factory):
+    """models(*overrides) -> (config, model dir, plan dir) of the tiny model, built once
+    per overrides (read-only: copy before changing); size metrics in model dir/../size.json."""
+    built: dict[tuple[str, ...], tuple] = {}
+
+    def get(*overrides: str):
+        if overrides not in built:
+            root = tmp_path_factory.mktemp("model")
+            config, model_dir, _ = build_model(root, tiny_original, tiny_float, list(overrides))
+            built[overrides] = (config, model_dir, root / "plan")
+        return built[overrides]
+
+    return get
+
+
 def isolate_hf_client(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Keep huggingface_hub off ~/.cache/huggingface and away from any real token or
     endpoint. It reads its env vars once, at import, into `constants`: patch both."""

@@ -17,7 +17,7 @@ import yaml
 from hubserver import LocalHub
 from huggingface_hub import constants
 
-from tests.conftest import REPO, build_model, copy_repo, run
+from tests.conftest import REPO, copy_repo, run
 from tierquant import evaluate
 from tierquant.config import EvalConfig, compose, validate
 from tierquant.errors import TierquantError
@@ -40,21 +40,6 @@ def reference(tiny_original, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "reference"
     evaluate.save_reference(ref, out)
     return out
-
-
-@pytest.fixture(scope="module")
-def models(tiny_original, tiny_float, tmp_path_factory):
-    """models(*overrides) -> (config, model dir, plan dir), built once per overrides."""
-    built: dict[tuple[str, ...], tuple] = {}
-
-    def get(*overrides: str):
-        if overrides not in built:
-            root = tmp_path_factory.mktemp("model")
-            config, model_dir, _ = build_model(root, tiny_original, tiny_float, list(overrides))
-            built[overrides] = (config, model_dir, root / "plan")
-        return built[overrides]
-
-    return get
 
 
 def _validate(config, model_dir: Path, plan_dir: Path, reference: Path, out: Path):

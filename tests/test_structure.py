@@ -10,7 +10,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from tests.conftest import build_model
 from tierquant.checkpoint import Checkpoint
 from tierquant.structure import check_structure
 
@@ -24,26 +23,12 @@ EXPERTS_BF16 = ("tiers.experts=bf16",)
 MXFP4_ONLY = ("tiers.experts=mxfp4", "tiers.sensitive=bf16", "tiers.attention=bf16")
 
 
-@pytest.fixture(scope="module")
-def models(tiny_original, tiny_float, tmp_path_factory):
-    """models(*overrides) -> (config, model dir, plan dir, size metrics), built once."""
-    built: dict[tuple[str, ...], tuple] = {}
-
-    def get(*overrides: str):
-        if overrides not in built:
-            root = tmp_path_factory.mktemp("model")
-            config, model_dir, size = build_model(root, tiny_original, tiny_float, overrides)
-            built[overrides] = (config, model_dir, root / "plan", size)
-        return built[overrides]
-
-    return get
-
-
 @pytest.mark.parametrize("overrides", [ALL_BF16, EXPERTS_BF16, MXFP4_ONLY])
 def test_a_model_whose_largest_tier_is_bf16_loads_with_stock_mlx_lm(models, overrides):
     from mlx_lm import load
 
-    config, model_dir, plan_dir, size = models(*overrides)
+    config, model_dir, plan_dir = models(*overrides)
+    size = json.loads((model_dir.parent / "size.json").read_text())
     model_config = json.loads((model_dir / "config.json").read_text())
     precisions = config.precisions()
     quantized = [t for t, p in precisions.items() if p.quantized]
@@ -62,7 +47,7 @@ def test_a_model_whose_largest_tier_is_bf16_loads_with_stock_mlx_lm(models, over
 
 
 def test_structure_flags_a_config_stock_mlx_lm_cannot_load(models, tmp_path):
-    config, model_dir, plan_dir, _ = models()
+    config, model_dir, plan_dir = models()
     broken = tmp_path / "model"
     shutil.copytree(model_dir, broken)
     model_config = json.loads((broken / "config.json").read_text())
@@ -75,7 +60,7 @@ def test_structure_flags_a_config_stock_mlx_lm_cannot_load(models, tmp_path):
 
 
 def test_structure_flags_a_nan_scale_byte_in_an_mxfp4_expert(models, tmp_path):
-    config, model_dir, plan_dir, _ = models(*MXFP4_ONLY)
+    config, model_dir, plan_dir = models(*MXFP4_ONLY)
     broken = tmp_path / "model"
     shutil.copytree(model_dir, broken)  # copies: the tier shards are hard links
     name = "model.layers.1.mlp.experts.down_proj.scales"
