@@ -12,11 +12,21 @@ For each depth N, on a synthetic checkpoint with gpt-oss-120b's full widths (hid
   no-op      `dvc repro validate` with nothing changed
 
 and prints per step: wall time, peak RSS of the whole process tree (sampled every
-20 ms), bytes written (kernel write accounting of the process tree) and the share of
-wall time DVC spends itself (hashing, checkout, locks: wall time minus the stages'
-own, which every stage logs), with ratios and the targets from the issue beside them.
+20 ms) and of each stage (its own ru_maxrss, logged by every stage), bytes written
+(kernel write accounting of the process tree) and the share of wall time DVC spends
+itself (hashing, checkout, locks: wall time minus the stages' own, which every stage
+logs), with ratios and the targets from the issue beside them: the whole run's wall
+time against the mlx-lm path's, and the same work's (download excluded for both,
+reference + validate excluded for ours). For the streamed stages (reference, validate)
+it prints the memory bound they should stay under: the largest layer's resident bytes
+(its tensors, every bf16 one counted 3x: the bf16 read plus the float32 copy the CPU
+computes with; the original's gate_up 2x: mlx-lm's sanitize splits it into copies) +
+the eval set's hidden states (4 copies) + one vocab slice (6 copies of its float32
+logits, its head rows in bf16 and float32) + the embedding rows in use + the
+interpreter with mlx/mlx-lm imported (measured), and compares each depth's peak with
+the first's.
 
-    python bench/pipeline.py --layers 2 3 --workdir /big/scratch
+    python bench/pipeline.py --layers 2 4 --workdir /big/scratch
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ import tempfile
 from pathlib import Path
 
 from common import VENV_BIN, Measured, copy_checkout, dir_bytes, gb, run_measured
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PY = sys.executable
 STAGE_TIME = re.compile(r"stage (\S+) finished in ([0-9.]+) s(?:, peak RSS ([0-9.]+) MB)?")
@@ -61,6 +73,11 @@ def stage_seconds(output: str) -> float:
     return sum(float(m.group(2)) for m in STAGE_TIME.finditer(output))
 
 
+def stage_times(output: str) -> dict[str, float]:
+    """Each stage's own wall time in seconds, from the line every stage logs."""
+    return {m.group(1): float(m.group(2)) for m in STAGE_TIME.finditer(output)}
+
+
 def stage_peaks(output: str) -> dict[str, float]:
     """Each stage's own peak RSS in bytes, from the line every stage logs."""
     return {
@@ -79,7 +96,60 @@ def step_row(name: str, m: Measured) -> dict:
         "dvc_share": max(0.0, 1 - stages / m.wall_s) if stages else None,
         "ran": sorted({m.group(1) for m in STAGE_TIME.finditer(m.output)}),
         "stage_peak_rss": stage_peaks(m.output),
+        "stage_times": stage_times(m.output),
     }
+
+
+def stream_bound(repo: Path, checkpoint: str, baseline: int) -> dict:
+    """The memory bound of a streamed evaluation of data/<checkpoint> (see the docstring)."""
+    from tierquant.checkpoint import Checkpoint
+    from tierquant.stream import vocab_chunk_for
+
+    with Checkpoint(repo / "data" / checkpoint) as ckpt:
+        layers: dict[int, int] = {}
+        for name, info in ckpt.tensors.items():
+            if name.startswith("model.layers."):
+                i = int(name.split(".")[2])
+                layers[i] = layers.get(i, 0) + info.nbytes * _resident_factor(name, info.dtype)
+        hidden = ckpt.config["hidden_size"]
+        vocab = ckpt.config["vocab_size"]
+    ev = _eval_params(repo)
+    tokens = ev["num_windows"] * ev["window_length"]
+    activations = 4 * tokens * hidden * 4
+    cols = min(vocab, vocab_chunk_for(tokens, hidden))
+    vocab_chunk = 6 * tokens * cols * 4 + cols * hidden * 6  # logits copies + head rows
+    embed_rows = min(tokens, vocab) * hidden * 3 * 2
+    largest = max(layers.values())
+    total = largest + activations + vocab_chunk + embed_rows + baseline
+    return {
+        "largest_layer": largest,
+        "activations": activations,
+        "vocab_chunk": vocab_chunk,
+        "embed_rows": embed_rows,
+        "baseline": baseline,
+        "bound": total,
+    }
+
+
+def _resident_factor(name: str, dtype: str) -> int:
+    """Bytes resident per byte on disk while a layer runs: a bf16 tensor is read and cast
+    to float32 (x3); the original's interleaved gate_up is read and split into gate and
+    up copies by mlx-lm's sanitize (x2)."""
+    if dtype == "BF16":
+        return 3
+    return 2 if "gate_up_proj" in name else 1
+
+
+def _eval_params(repo: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((repo / "params.yaml").read_text())["eval"]
+
+
+def import_baseline() -> int:
+    """Peak RSS of an interpreter that imports what the evaluation stages import."""
+    code = "import mlx.core, mlx_lm.utils, mlx_lm.models.gpt_oss, tierquant.evaluate"
+    return run_measured([PY, "-c", code]).peak_rss
 
 
 def prepare_clone(work: Path, model: str, layers: int) -> Path:
@@ -131,6 +201,22 @@ def bench_depth(work: Path, model: str, layers: int) -> dict:
                 + ", ".join(f"{k} {gb(v)}" for k, v in sizes.items()),
                 flush=True,
             )
+            baseline = import_baseline()
+            bounds = {
+                "reference": stream_bound(repo, "original", baseline),
+                "validate": stream_bound(repo, "model", baseline),
+            }
+            for stage, b in bounds.items():
+                peak = rows[-1]["stage_peak_rss"].get(stage, 0)
+                print(
+                    f"   {stage} peak RSS {gb(peak)} vs bound {gb(b['bound'])} = largest layer "
+                    f"{gb(b['largest_layer'])} + activations {gb(b['activations'])} + vocab "
+                    f"slice {gb(b['vocab_chunk'])} + embedding rows {gb(b['embed_rows'])} + "
+                    f"interpreter {gb(b['baseline'])}: "
+                    f"{'within' if peak <= b['bound'] else 'OVER'}",
+                    flush=True,
+                )
+            rows[-1]["bounds"] = bounds
             links = _shared_inodes(repo)
             print(
                 f"   data/model shards sharing an inode with a data/quantized shard: "
@@ -190,8 +276,13 @@ def summary(result: dict) -> None:
     steps = {r["step"]: r for r in result["steps"]}
     ours, mlx = steps["ours: dvc repro"], steps["mlx-lm: convert -d, -q"]
     print(f"\n-- {result['layers']} layer(s): ratios and targets --")
+    stage_s = ours["stage_times"]
+    same_work = ours["wall_s"] - sum(
+        v for k, v in stage_s.items() if k.startswith(("download", *EVAL_STAGES))
+    )
     checks = [
         ("full pipeline wall / mlx-lm path", ours["wall_s"] / mlx["wall_s"], 1.0),
+        ("same work wall / mlx-lm path", same_work / mlx["wall_s"], 1.0),
         ("peak RSS / mlx-lm path", ours["peak_rss"] / mlx["peak_rss"], 0.25),
         ("experts=4 wall / full run", steps["experts=4"]["wall_s"] / ours["wall_s"], 0.7),
         ("attention=6 wall / full run", steps["attention=6"]["wall_s"] / ours["wall_s"], 0.2),
@@ -219,7 +310,7 @@ def main() -> None:
         "--layers",
         type=int,
         nargs="+",
-        default=[2, 3],
+        default=[2, 4],
         help="depths to run (≥ 2: mlx-lm's gpt_oss needs both layer types)",
     )
     parser.add_argument(
@@ -246,13 +337,21 @@ def main() -> None:
     for result in results:
         summary(result)
     if len(results) >= 2:
-        a, b = results[0], results[1]
+        a, b = results[0], results[-1]
         ra, rb = (next(r for r in x["steps"] if r["step"] == "ours: dvc repro") for x in (a, b))
         ratio = rb["peak_rss"] / ra["peak_rss"]
         print(
             f"\npeak RSS of ours, {b['layers']} vs {a['layers']} layers: ×{ratio:.2f} "
             f"(target: within 10%) {'met' if abs(ratio - 1) <= 0.10 else 'MISSED'}"
         )
+        for stage in EVAL_STAGES:
+            pa, pb = ra["stage_peak_rss"].get(stage), rb["stage_peak_rss"].get(stage)
+            if pa and pb:
+                print(
+                    f"peak RSS of {stage}, {b['layers']} vs {a['layers']} layers: "
+                    f"{gb(pb)} / {gb(pa)} = ×{pb / pa:.2f} (target: within 10%) "
+                    f"{'met' if abs(pb / pa - 1) <= 0.10 else 'MISSED'}"
+                )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

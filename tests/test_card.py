@@ -27,6 +27,25 @@ QUALITY = {
     "ppl_reference": 10.5,
     "ppl_model": 11.0,
     "ppl_ratio": 1.047619,
+    "kld_mean_stderr": 0.00321,
+    "gate": [
+        {
+            "param": "validate.kld_mean_max",
+            "metric": "kld_mean",
+            "op": "<=",
+            "threshold": 0.8,
+            "value": 0.123456,
+            "passed": True,
+        },
+        {
+            "param": "validate.kld_p99_max",
+            "metric": "kld_p99",
+            "op": "<=",
+            "threshold": None,
+            "value": 1.875,
+            "passed": None,
+        },
+    ],
     "tokens": 2032,
     "windows": 16,
     "top_k": 64,
@@ -103,7 +122,7 @@ def test_card_numbers_come_from_the_metrics(run_dir: Path) -> None:
     assert f"{size['original']['bytes']:,}" in text
     assert "down_proj, gate_proj, up_proj (all 6 layers)" in text
     # quality, speed, fit and bandwidth tables
-    for needle in ("0.1235", "0.8125", "1.0476", "≤ 0.8 ✓", "Quality gate: passed"):
+    for needle in ("0.1235 ± 0.0032", "0.8125", "1.0476", "≤ 0.8 ✓", "Quality gate: passed"):
         assert needle in text, needle
     assert "| 128 | 112.5 | 111.5 | 42.2 | 33.8 |" in text  # prefill / generation medians
     assert "Test CPU, 24 GiB" in text
@@ -143,12 +162,13 @@ def test_hub_model_card_names_its_base_model(run_dir: Path) -> None:
 
 def test_card_states_a_failed_validation(run_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "validate.json"
-    bad.write_text(json.dumps({**QUALITY, "kld_mean": 0.95, "passed": False}))
+    gate = [{**QUALITY["gate"][0], "value": 0.95, "passed": False}]
+    bad.write_text(json.dumps({**QUALITY, "kld_mean": 0.95, "gate": gate, "passed": False}))
     config = _config(run_dir)
     config.paths.validate = str(bad)
     text = build_card(config).read_text()
     assert "Quality gate: FAILED" in text and "KLD mean 0.95 vs limit 0.8" in text
-    assert "| KLD mean | 0.9500 | ≤ 0.8 ✗ FAILED |" in text
+    assert "| KLD mean | 0.9500 ± 0.0032 | ≤ 0.8 ✗ FAILED |" in text
 
 
 def test_card_renders_without_benchmark_or_validation(run_dir: Path, tmp_path: Path) -> None:

@@ -124,4 +124,4 @@ def test_the_checks_see_a_cycle_and_lazy_imports():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
     # a function-level import counts: tierquant.evaluate loads the corpus lazily
-    assert "tokenizer" in imports_of(_module_file("evaluate"))
+    assert "tokenizer" in imports_of(_module_file("evalset"))

@@ -18,7 +18,7 @@ from hubserver import LocalHub
 from huggingface_hub import constants
 
 from tests.conftest import REPO, copy_repo, run
-from tierquant import evaluate
+from tierquant import evalset, evaluate
 from tierquant.config import EvalConfig, compose, validate
 from tierquant.errors import TierquantError
 from tierquant.structure import check_structure
@@ -32,37 +32,42 @@ EXPERTS_ONLY = ["tiers.sensitive=bf16", "tiers.attention=bf16"]
 @pytest.fixture(scope="module")
 def reference(tiny_original, tmp_path_factory) -> Path:
     """data/reference of the tiny original with the default eval config."""
-    ev = validate(compose()).eval
-    tokens = evaluate.eval_windows(ev, tiny_original)
-    ref = evaluate.compute_reference(
-        evaluate._load_model(tiny_original), tokens, ev.top_k, ev.batch_size
-    )
     out = tmp_path_factory.mktemp("reference") / "reference"
-    evaluate.save_reference(ref, out)
+    evaluate.build_reference(original=tiny_original, out=out, eval_config=validate(compose()).eval)
     return out
 
 
-def _validate(config, model_dir: Path, plan_dir: Path, reference: Path, out: Path):
-    return validate_model(
-        model_dir=model_dir,
-        reference_dir=reference,
-        plan_dir=plan_dir,
-        tiers=config.precisions(),
-        thresholds=config.validate,
-        metrics_path=out,
-    )
+@pytest.fixture(scope="module")
+def run_validate(tiny_original, tiny_float):
+    """run_validate(config, model dir, plan dir, reference, out) on a model of the
+    `models` fixture (its root holds plan/ and quantized/)."""
+
+    def run_it(config, model_dir: Path, plan_dir: Path, reference: Path, out: Path):
+        return validate_model(
+            model_dir=model_dir,
+            reference_dir=reference,
+            plan_dir=plan_dir,
+            float_dir=tiny_float,
+            original_dir=tiny_original,
+            quantized_dir=plan_dir.parent / "quantized",
+            tiers=config.precisions(),
+            thresholds=config.validate,
+            metrics_path=out,
+        )
+
+    return run_it
 
 
 # --- eval set ---------------------------------------------------------------------------
 
 
 def test_windows_are_deterministic_evenly_spread_and_disjoint(tiny_original):
-    w = evaluate.make_windows(np.arange(1000), 4, 100)
+    w = evalset.make_windows(np.arange(1000), 4, 100)
     assert w.dtype == np.int32 and w.shape == (4, 100)
     assert [int(r[0]) for r in w] == [0, 250, 500, 750]
     ev = EvalConfig()
-    a = evaluate.eval_windows(ev, tiny_original)
-    b = evaluate.eval_windows(ev, tiny_original)
+    a = evalset.eval_windows(ev, tiny_original)
+    b = evalset.eval_windows(ev, tiny_original)
     assert a.shape == (16, 128) and np.array_equal(a, b)
     starts = sorted({tuple(r[:8]) for r in a})
     assert len(starts) == 16
@@ -70,7 +75,7 @@ def test_windows_are_deterministic_evenly_spread_and_disjoint(tiny_original):
 
 def test_reference_holds_the_exact_windows(reference, tiny_original):
     ref = evaluate.load_reference(reference)
-    assert np.array_equal(ref.tokens, evaluate.eval_windows(EvalConfig(), tiny_original))
+    assert np.array_equal(ref.tokens, evalset.eval_windows(EvalConfig(), tiny_original))
     assert ref.topk_ids.shape == (16, 127, 64) and ref.nll.shape == (16, 127)
     assert np.all(np.diff(ref.topk_logp, axis=-1) <= 0)  # descending
     # argmax is stored apart from top-k: bf16 logits tie, and the two may break ties apart.
@@ -87,9 +92,9 @@ def test_too_short_text_names_the_keys(tmp_path, tiny_original):
     short.write_text("It was the best of times, it was the worst of times. " * 20)
     ev = EvalConfig(path=str(short))
     with pytest.raises(TierquantError, match=r"eval\.num_windows × eval\.window_length"):
-        evaluate.eval_windows(ev, tiny_original)
+        evalset.eval_windows(ev, tiny_original)
     with pytest.raises(TierquantError, match="eval.path"):
-        evaluate.load_eval_text(EvalConfig(path=str(tmp_path / "missing.txt")))
+        evalset.load_eval_text(EvalConfig(path=str(tmp_path / "missing.txt")))
 
 
 @pytest.mark.parametrize(
@@ -132,9 +137,9 @@ def test_hub_dataset_source(hub):
     }
     sha = hub.add_commit("org/eval", files, repo_type="dataset")
     ev = EvalConfig(source="hub", repo_id="org/eval", revision=sha, files="data/test-*.jsonl")
-    assert evaluate.load_eval_text(ev, endpoint=hub.endpoint) == "line 0\nline 1\nline 2\n\nlast"
+    assert evalset.load_eval_text(ev, endpoint=hub.endpoint) == "line 0\nline 1\nline 2\n\nlast"
     txt = EvalConfig(source="hub", repo_id="org/eval", files="plain.txt")
-    assert evaluate.load_eval_text(txt, endpoint=hub.endpoint) == "plain text"
+    assert evalset.load_eval_text(txt, endpoint=hub.endpoint) == "plain text"
     assert ("GET", f"/datasets/org/eval/resolve/{sha}/data/test-00000.jsonl") in hub.requests
     for changes, named in [
         ({"files": "nothing-*.jsonl"}, "eval.files"),
@@ -144,31 +149,31 @@ def test_hub_dataset_source(hub):
     ]:
         bad = EvalConfig(**{**vars(ev), **changes})
         with pytest.raises(TierquantError, match=re.escape(named)):
-            evaluate.load_eval_text(bad, endpoint=hub.endpoint)
+            evalset.load_eval_text(bad, endpoint=hub.endpoint)
 
 
 # --- metrics ------------------------------------------------------------------------------
 
 
 def test_original_against_itself_is_exactly_zero(reference, tiny_original):
-    m = evaluate.quality_metrics(tiny_original, reference)
+    m = evaluate.quality_metrics(model_dir=tiny_original, reference_dir=reference)
     assert m["kld_mean"] == 0.0 and m["kld_max"] == 0.0
     assert m["top1_agreement"] == 1.0 and m["ppl_ratio"] == 1.0
 
 
 def test_mxfp4_experts_are_lossless_and_validate_loads_only_the_model(
-    reference, models, tmp_path, monkeypatch
+    reference, models, tmp_path, monkeypatch, run_validate
 ):
     config, model_dir, plan_dir = models(*EXPERTS_ONLY, "tiers.experts=mxfp4")
     loaded: list[Path] = []
-    real = evaluate._load_model
+    real = evaluate.StreamedModel
 
-    def recording(path: Path):
+    def recording(path: Path, **kwargs):
         loaded.append(Path(path))
-        return real(path)
+        return real(path, **kwargs)
 
-    monkeypatch.setattr(evaluate, "_load_model", recording)
-    m = _validate(config, model_dir, plan_dir, reference, tmp_path / "validate.json")
+    monkeypatch.setattr(evaluate, "StreamedModel", recording)
+    m = run_validate(config, model_dir, plan_dir, reference, tmp_path / "validate.json")
     assert loaded == [model_dir]  # never the original: the reference comes from disk
     assert m["kld_max"] < 1e-6 and m["top1_agreement"] == 1.0
     assert m["structure_problems"] == 0 and m["passed"] is True
@@ -178,7 +183,7 @@ def test_kld_grows_as_expert_bits_shrink(reference, models):
     results = {}
     for bits in (6, 4, 3, 2):
         _, model_dir, _ = models(*EXPERTS_ONLY, f"tiers.experts={bits}")
-        results[bits] = evaluate.quality_metrics(model_dir, reference)
+        results[bits] = evaluate.quality_metrics(model_dir=model_dir, reference_dir=reference)
     kld = [results[b]["kld_mean"] for b in (6, 4, 3, 2)]
     top1 = [results[b]["top1_agreement"] for b in (6, 4, 3, 2)]
     assert kld == sorted(kld) and len(set(kld)) == 4, kld
@@ -186,16 +191,16 @@ def test_kld_grows_as_expert_bits_shrink(reference, models):
     assert kld[3] > 10 * kld[0]
 
 
-def test_default_recipe_passes_and_2bit_experts_fail(reference, models, tmp_path):
+def test_default_recipe_passes_and_2bit_experts_fail(reference, models, tmp_path, run_validate):
     config, model_dir, plan_dir = models()
-    seed = _validate(config, model_dir, plan_dir, reference, tmp_path / "seed.json")
+    seed = run_validate(config, model_dir, plan_dir, reference, tmp_path / "seed.json")
     assert seed["passed"] and seed["structure_problems"] == 0
     assert seed["bits_per_weight"] == pytest.approx(seed["bits_per_weight_predicted"])
 
     config2, model2, plan2 = models("tiers.experts=2")
     out = tmp_path / "e2.json"
     with pytest.raises(TierquantError) as failed:
-        _validate(config2, model2, plan2, reference, out)
+        run_validate(config2, model2, plan2, reference, out)
     assert re.match(
         r"validate: kld_mean = [\d.]+ exceeds threshold 0\.8 \(validate\.kld_mean_max\)",
         str(failed.value),
@@ -222,29 +227,29 @@ def _zero_module(src: Path, dst: Path, module: str) -> Path:
     return dst
 
 
-def test_a_zeroed_expert_tensor_fails_naming_the_metric(reference, models, tmp_path):
+def test_a_zeroed_expert_tensor_fails_naming_the_metric(reference, models, tmp_path, run_validate):
     config, model_dir, plan_dir = models()
     broken = _zero_module(model_dir, tmp_path / "model", "model.layers.0.mlp.experts.gate_proj")
     out = tmp_path / "validate.json"
-    with pytest.raises(TierquantError, match=r"validate: kld_mean = [\d.]+ exceeds threshold"):
-        _validate(config, broken, plan_dir, reference, out)
+    with pytest.raises(TierquantError, match=r"validate: kld_mean = [\d.]+ exceeds threshold") as e:
+        run_validate(config, broken, plan_dir, reference, out)
+    # The whole tensor is zeroed: the integrity check names it too.
+    assert "integrity: 1 tensor(s)" in str(e.value)
+    assert "model.layers.0.mlp.experts.gate_proj.weight (expert 0)" in str(e.value)
     metrics = json.loads(out.read_text())
     assert metrics["passed"] is False and metrics["structure_problems"] == 0
 
 
 def test_topk_estimate_is_a_lower_bound_within_its_error_bound(tiny_original, models):
-    tokens = evaluate.make_windows(
-        evaluate.tokenize(evaluate.load_eval_text(EvalConfig()), tiny_original), 4, 64
+    tokens = evalset.make_windows(
+        evalset.tokenize(evalset.load_eval_text(EvalConfig()), tiny_original), 4, 64
     )
-    original = evaluate._load_model(tiny_original)
-    exact = evaluate.compute_reference(original, tokens, 1024, 4)  # k = vocab: exact KL
-    top16 = evaluate.compute_reference(original, tokens, 16, 4)
-    del original
+    exact = evaluate.streamed_reference(tiny_original, tokens, top_k=1024, batch_size=4)
+    top16 = evaluate.streamed_reference(tiny_original, tokens, top_k=16, batch_size=4)
     assert np.all(np.isneginf(exact.tail_logp)) and top16.meta["tail_mass_mean"] > 0
     _, model_dir, _ = models(*EXPERTS_ONLY, "tiers.experts=3")
-    model = evaluate._load_model(model_dir)
-    full = evaluate.token_stats(model, exact)
-    est = evaluate.token_stats(model, top16)
+    full = evaluate.streamed_token_stats(model_dir, exact, batch_size=4)
+    est = evaluate.streamed_token_stats(model_dir, top16, batch_size=4)
     assert np.all(full.tail_bound == 0)
     gap = full.kld.astype(np.float64) - est.kld
     assert gap.min() > -1e-5  # the estimate never exceeds the exact KL

@@ -131,22 +131,50 @@ def _validation(metrics: dict[str, Any] | None, config: Config) -> dict[str, str
     return {"status": "failed", "summary": "; ".join(failures) or "validate reported a failure"}
 
 
+def _percentile_rows(prefix: str, label: str, keys: tuple[str, ...]) -> tuple:
+    """Rows of percentiles `p99_9` → "<label> 99.9%" (no error)."""
+    return tuple((f"{prefix}_{k}", f"{label} {k[1:].replace('_', '.')}%", None) for k in keys)
+
+
+# The quality table, as llama.cpp's `--kl-divergence` prints it: metric key of
+# metrics/validate.json, label, key of its standard error (or None).
+QUALITY_TABLE = (
+    ("kld_mean", "KLD mean", "kld_mean_stderr"),
+    ("kld_median", "KLD median", None),
+    *_percentile_rows("kld", "KLD", ("p99_9", "p99", "p95", "p90", "p10", "p5", "p1", "p0_1")),
+    ("kld_max", "KLD max", None),
+    ("kld_min", "KLD min", None),
+    ("top1_agreement", "Same top token (top-1 agreement)", "top1_agreement_stderr"),
+    ("dp_mean", "Δp mean (p of the next token, this − original)", "dp_mean_stderr"),
+    ("dp_rms", "RMS Δp", "dp_rms_stderr"),
+    *_percentile_rows("dp", "Δp", ("p99", "p95", "p5", "p1")),
+    ("ppl_reference", "PPL (original)", "ppl_reference_stderr"),
+    ("ppl_model", "PPL (this model)", "ppl_model_stderr"),
+    ("ppl_ratio", "PPL ratio (this / original)", "ppl_ratio_stderr"),
+    ("ln_ppl_ratio", "ln PPL ratio", "ln_ppl_ratio_stderr"),
+    ("ln_ppl_correlation", "Correlation of ln PPL", None),
+)
+
+
 def _quality(metrics: dict[str, Any] | None, config: Config) -> dict[str, Any] | None:
+    """The quality table: validate's values ± their errors, and its own verdicts (the
+    "gate" list of metrics/validate.json; the card decides nothing)."""
     if metrics is None or "kld_mean" not in metrics:
         return None
+    verdicts = {g["metric"]: g for g in metrics.get("gate", []) if g.get("passed") is not None}
     rows = []
-    for key, label, gate in QUALITY_ROWS:
-        if key not in metrics:
+    for key, label, err_key in QUALITY_TABLE:
+        if metrics.get(key) is None:
             continue
-        limit = getattr(config.validate, gate) if gate else None
-        if limit is None:
-            verdict = ""
-        else:
-            value = metrics[key]
-            ok = value >= limit if gate.endswith("_min") else value <= limit
-            op = "≥" if gate.endswith("_min") else "≤"
-            verdict = f"{op} {limit:g} {'✓' if ok else '✗ FAILED'}"
-        rows.append({"name": label, "value": f"{metrics[key]:.4f}", "gate": verdict})
+        value = f"{metrics[key]:.4f}"
+        if err_key and metrics.get(err_key) is not None:
+            value += f" ± {metrics[err_key]:.4f}"
+        gate = ""
+        if key in verdicts:
+            v = verdicts[key]
+            op = "≤" if v["op"] == "<=" else "≥"
+            gate = f"{op} {v['threshold']:g} {'✓' if v['passed'] else '✗ FAILED'}"
+        rows.append({"name": label, "value": value, "gate": gate})
     return {
         "rows": rows,
         "tokens": _int(metrics.get("tokens")),

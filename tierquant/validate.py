@@ -1,9 +1,12 @@
 """validate stage: structural checks + quality against the reference, then the gate.
 
-`validate_model` loads only the quantized model (tierquant.evaluate.quality_metrics
-reads the reference from data/reference, never the original), so peak memory is the
-quantized model plus one eval batch. Metrics go to `paths.validate` (a DVC metrics
-file) BEFORE the gate raises, so a failed run can be inspected with `dvc metrics show`.
+`validate_model` streams only the quantized model layer by layer
+(tierquant.evaluate.quality_metrics reads the reference from data/reference, never the
+original), so peak memory is one layer plus the eval set's hidden states. Metrics go to
+`paths.validate` (a DVC metrics file) BEFORE the gate raises, so a failed run can be
+inspected with `dvc metrics show`. The file's "gate" list holds one verdict per
+threshold param (null threshold: not checked, "passed": null); "passed" is true when
+there is no structure problem and every checked threshold passed.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ValidateConfig
+from .files import atomic_output, write_json
+from .config import ValidateConfig
 from .errors import TierquantError
 from .evaluate import quality_metrics
-from .files import atomic_output, write_json
+from .integrity import check_integrity
 from .structure import check_structure
 
 log = logging.getLogger(__name__)
@@ -33,18 +37,38 @@ GATES: dict[str, tuple[str, str]] = {
 }
 
 
-def gate_failures(metrics: dict[str, float], thresholds: ValidateConfig) -> list[str]:
-    """One message per threshold the metrics violate (none set → none checked)."""
-    failures = []
+def gate_verdicts(metrics: dict[str, Any], thresholds: ValidateConfig) -> list[dict[str, Any]]:
+    """One entry per threshold param: metric, op, threshold, value, passed (null when the
+    threshold is null or the metric was not measured)."""
+    verdicts = []
     for key, (metric, kind) in GATES.items():
         limit = getattr(thresholds, key)
-        if limit is None:
-            continue
-        value = metrics[metric]
-        if (kind == "max" and not value <= limit) or (kind == "min" and not value >= limit):
-            verb = "exceeds" if kind == "max" else "is below"
+        value = metrics.get(metric)
+        passed = None
+        if limit is not None and value is not None:
+            passed = bool(value <= limit) if kind == "max" else bool(value >= limit)
+        verdicts.append(
+            {
+                "param": f"validate.{key}",
+                "metric": metric,
+                "op": "<=" if kind == "max" else ">=",
+                "threshold": limit,
+                "value": value,
+                "passed": passed,
+            }
+        )
+    return verdicts
+
+
+def gate_failures(verdicts: list[dict[str, Any]]) -> list[str]:
+    """One message per failed verdict."""
+    failures = []
+    for v in verdicts:
+        if v["passed"] is False:
+            verb = "exceeds" if v["op"] == "<=" else "is below"
             failures.append(
-                f"validate: {metric} = {value:.6g} {verb} threshold {limit:g} (validate.{key})"
+                f"validate: {v['metric']} = {v['value']:.6g} {verb} threshold "
+                f"{v['threshold']:g} ({v['param']})"
             )
     return failures
 
@@ -64,29 +88,59 @@ def validate_model(
     model_dir: Path,
     reference_dir: Path,
     plan_dir: Path,
+    float_dir: Path,
+    original_dir: Path,
+    quantized_dir: Path,
     tiers: dict[str, Any],
     thresholds: ValidateConfig,
     metrics_path: Path,
 ) -> dict[str, Any]:
     """Structural checks + quality vs the reference; write metrics, then gate.
 
-    `tiers` maps tier -> tierquant.recipe.Precision. Metrics are written before any
-    failure is raised, so a failed run can be inspected. Raises TierquantError listing
-    every failure, one per line (`validate: <metric> = <value> exceeds threshold ...`).
+    `tiers` maps tier -> tierquant.recipe.Precision. Metrics are written before a
+    structure, integrity or gate failure is raised, so a failed run can be inspected
+    (when the model cannot be evaluated at all, e.g. the reference is missing, nothing is
+    written). Raises TierquantError listing every failure, one per line (`validate:
+    <metric> = <value> exceeds threshold ...`).
     """
     report = check_structure(model_dir, plan_dir, tiers, bpw_tolerance=thresholds.bpw_tolerance)
     failures = [f"validate: structure: {p}" for p in report.problems]
+    try:
+        integrity = check_integrity(
+            model_dir=model_dir,
+            float_dir=float_dir,
+            original_dir=original_dir,
+            quantized_dir=quantized_dir,
+            tiers=tiers,
+        )
+    except TierquantError as e:
+        integrity = [str(e)]
+    if integrity:  # one line, naming every tensor
+        failures.append(
+            f"validate: integrity: {len(integrity)} tensor(s) not what their source and "
+            f"tier allow: {'; '.join(integrity)}"
+        )
     metrics: dict[str, Any] = {}
     try:
-        metrics.update(quality_metrics(model_dir, reference_dir))
-    except Exception:
-        if not failures:  # a broken structure may stop the model loading; say why
+        metrics.update(quality_metrics(model_dir=model_dir, reference_dir=reference_dir))
+    except TierquantError as e:
+        # Bad input (no or a broken reference, an unloadable model): say so beside any
+        # structure/integrity problem, in one error, and leave the previous metrics as
+        # they were (nothing half-measured is written).
+        raise TierquantError("\n".join([*failures, f"validate: {e}"])) from e
+    except Exception as e:
+        if not failures:  # not explained by the structure: a bug, keep its traceback
             raise
-        log.exception("the model did not run")
-        failures.append("validate: the model did not run (see the structure problems above)")
+        # A broken structure may stop the model loading: say so in one line.
+        failures.append(
+            f"validate: the model did not run ({type(e).__name__}: {e}); "
+            "see the structure problems above"
+        )
     metrics.update(report.metrics())
-    if "kld_mean" in metrics:
-        failures = gate_failures(metrics, thresholds) + failures
+    metrics["integrity_problems"] = len(integrity)
+    verdicts = gate_verdicts(metrics, thresholds)
+    failures = gate_failures(verdicts) + failures
+    metrics["gate"] = verdicts
     metrics["passed"] = not failures
     write_metrics(metrics_path, metrics)
     for key in ("kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "bits_per_weight"):
@@ -96,15 +150,3 @@ def validate_model(
         raise TierquantError("\n".join(failures))
     log.info("validate: passed (%s)", metrics_path)
     return metrics
-
-
-def validate(config: Config) -> dict[str, Any]:
-    """The validate stage: paths.model vs paths.reference, plan + tiers → metrics, gate."""
-    return validate_model(
-        model_dir=Path(config.paths.model),
-        reference_dir=Path(config.paths.reference),
-        plan_dir=Path(config.paths.plan),
-        tiers=config.precisions(),
-        thresholds=config.validate,
-        metrics_path=Path(config.paths.validate),
-    )
