@@ -44,10 +44,10 @@ from typing import Any
 
 import numpy as np
 
-from .files import atomic_output, read_json, write_json
 from .config import EvalConfig
 from .errors import TierquantError
 from .evalset import eval_windows
+from .files import atomic_output, read_json, write_json
 from .stream import VOCAB_SLICE_BYTES, StreamedModel, compute_dtype
 
 log = logging.getLogger(__name__)

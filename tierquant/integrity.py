@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import NUMPY_DTYPES, Checkpoint, TensorInfo
-from .files import read_json
 from .errors import TierquantError
-from .quantize import ERROR_ROW_STRIDE, MANIFEST
+from .files import read_json
 from .precision import Precision
+from .quantize import ERROR_ROW_STRIDE, MANIFEST
 
 log = logging.getLogger(__name__)
 

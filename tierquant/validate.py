@@ -15,10 +15,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_output, write_json
 from .config import ValidateConfig
 from .errors import TierquantError
 from .evaluate import quality_metrics
+from .files import atomic_output, write_json
 from .integrity import check_integrity
 from .structure import check_structure
 
