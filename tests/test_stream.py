@@ -72,12 +72,13 @@ def test_streamed_metrics_equal_the_whole_model(tiny_original, seed_model, token
     assert streamed.keys() == whole_m.keys()
     assert whole_m["kld_mean"] > 0.01  # a real difference, not two zeros
     # Slicing the vocabulary changes each log-sum-exp by float32 summation order, which
-    # can move a float32 log-prob by one ulp (~5e-7 at |log p| ~ 5): every metric agrees
-    # to 5 significant digits or to 1e-6 nats, whichever is looser.
+    # can move a float32 log-prob by an ulp (~1e-6 at |log p| ~ 8-16): every metric
+    # agrees to 5 significant digits or to 5e-6 nats, whichever is looser (only the
+    # smallest per-token KLDs, e.g. kld_min, need the absolute part).
     off = {}
     for key, value in whole_m.items():
         if isinstance(value, float):
-            if streamed[key] != pytest.approx(value, rel=1e-5, abs=1e-6):
+            if streamed[key] != pytest.approx(value, rel=1e-5, abs=5e-6):
                 off[key] = (streamed[key], value)
         else:
             assert streamed[key] == value, key
