@@ -4,9 +4,9 @@ the `moto[server]` test dependency) on 127.0.0.1, behind a TCP proxy the tests c
 Why a proxy: moto keeps its buckets in memory and has no persistence option, so
 stopping the server process would lose what a first push uploaded. To test "the server
 stops in the middle of a push", the proxy in front of it is what stops: at a chosen
-number of uploaded bytes it resets every open connection and closes its listening
-socket, so the client sees exactly what it would see if the server died (connections
-reset, then refused); `resume()` listens again on the same port (the "restart"), and
+number of uploaded bytes it shuts every open connection down mid-request and closes
+its listening socket, so the client sees what it sees when the server dies
+(connections dropped, then refused); `resume()` listens again on the same port (the "restart"), and
 moto behind it still holds whatever the interrupted push managed to store.
 
 moto checks credentials only when `INITIAL_NO_AUTH_ACTION_COUNT` is set: the first N
@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-BUCKET = "tierquant-test"
+BUCKET = "my-bucket"  # the bucket of README "Sharing the cache between machines"
 REGION = "us-east-1"
 _SETUP_REQUESTS = 4  # create_user, create_access_key, put_user_policy, create_bucket
 
@@ -56,7 +56,8 @@ def _wait_for_port(port: int, timeout: float = 30.0) -> None:
 class CuttableProxy:
     """Forwards 127.0.0.1:`port` to 127.0.0.1:`target`. `cut_after(n)` arms a cut once
     `n` more client->server bytes have been forwarded; `cut()` cuts now: every open
-    connection is reset and the port stops listening until `resume()`."""
+    connection is shut down mid-request and the port stops listening (connections are
+    refused) until `resume()`."""
 
     def __init__(self, target: int, port: int | None = None) -> None:
         self.target = target
@@ -94,9 +95,10 @@ class CuttableProxy:
                 listener.shutdown(socket.SHUT_RDWR)
             listener.close()
         for conn in conns:
+            # shutdown first: close() alone would not wake the thread blocked in recv()
+            # on it, and the connection would stay open
             with contextlib.suppress(OSError):
-                # RST, not FIN: what a client sees when the server process dies
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                conn.shutdown(socket.SHUT_RDWR)
             conn.close()
 
     @property
