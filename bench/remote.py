@@ -6,8 +6,8 @@ with N layers (default 2) becomes a bare origin; machine A clones it, runs the f
 reference → validate; benchmarks off, as bench/pipeline.py), `dvc push --run-cache` to
 a local S3 server (moto, as in the tests: tests/s3server.py) and pushes its lock; A's
 clone is then deleted (disk); machine B clones the origin and runs README "Sharing the
-cache between machines": `dvc pull --run-cache`, then `dvc repro validate`, which must
-run no stage. Prints per step wall time, peak RSS of the process tree and bytes
+cache between machines" for the same target: `dvc pull --run-cache --with-deps
+validate`, then `dvc repro validate`, which must run no stage. Prints per step wall time, peak RSS of the process tree and bytes
 written, and pull + repro as a fraction of the full repro. The S3 server is on the same
 machine (loopback), so the pull is bound by moto and DVC, not by a network.
 
@@ -85,9 +85,14 @@ def main() -> None:
             shutil.rmtree(a)
             b = work / "b"
             subprocess.run(["git", "clone", "-q", str(work / "origin.git"), str(b)], check=True)
-            pull = run_measured([dvc, "pull", "--run-cache"], cwd=b, env=env)
+            pull = run_measured(
+                [dvc, "pull", "--run-cache", "--with-deps", "validate"], cwd=b, env=env
+            )
             repro = run_measured([dvc, "repro", "validate"], cwd=b, env=env)
-            rows += [("B: `dvc pull --run-cache`", pull), ("B: `dvc repro validate`", repro)]
+            rows += [
+                ("B: `dvc pull --run-cache --with-deps validate`", pull),
+                ("B: `dvc repro validate`", repro),
+            ]
             ran = [ln for ln in repro.output.splitlines() if ln.startswith("Running stage")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
