@@ -290,7 +290,12 @@ def test_wrong_credentials_or_missing_bucket_write_nothing(machine_a, s3):
     remote_before = s3.objects("tierquant/")
     a_before = _snapshot(a)
     proc = dvc(["push", "-r", "badkey", "--run-cache"], a, s3, check=False)
-    _one_error(proc, "Forbidden", "SignatureDoesNotMatch")
+    # DVC logs one `failed to transfer` line per run-cache entry before its final error:
+    # every line names the refusal, the last one is the error
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR:")]
+    assert errors and all("SignatureDoesNotMatch" in e or "Forbidden" in e for e in errors)
+    assert errors[-1].startswith("ERROR: unexpected error - Forbidden"), errors[-1]
     assert _snapshot(a) == a_before
     assert s3.objects("tierquant/") == remote_before
 
