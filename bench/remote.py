@@ -7,8 +7,9 @@ reference → validate; benchmarks off, as bench/pipeline.py), `dvc push --run-c
 a local S3 server (moto, as in the tests: tests/s3server.py) and pushes its lock; A's
 clone is then deleted (disk); machine B clones the origin and runs README "Sharing the
 cache between machines" for the same target: `dvc pull --run-cache --with-deps
-validate`, then `dvc repro validate`, which must run no stage. Prints per step wall time, peak RSS of the process tree and bytes
-written, and pull + repro as a fraction of the full repro. The S3 server is on the same
+validate`, then `dvc repro validate`, which must run no stage. Prints per step wall
+time, peak RSS of the process tree and bytes written, and pull + repro as a fraction of
+the full repro. The S3 server is on the same
 machine (loopback), so the pull is bound by moto and DVC, not by a network.
 
     python bench/remote.py --workdir /big/scratch     # ~50 GB scratch at 2 layers

@@ -25,7 +25,7 @@ from s3server import BUCKET, S3Server, clear_aws_env
 
 from tests.conftest import PYTHON, copy_repo, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.remote]
 
 ROOT = Path(__file__).resolve().parents[1]
 ALWAYS_RUN = {"machine"}
