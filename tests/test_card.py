@@ -143,8 +143,8 @@ def test_card_numbers_come_from_the_metrics(run_dir: Path) -> None:
     assert "Test CPU, 24 GiB" in text
     assert "| 64 | 48.0 | yes | 131,072 | 56.0 | yes | 131,072 |" in text
     bench = {v: json.loads((run_dir / "benchmark" / f"{v}.json").read_text()) for v in VARIANTS}
-    for v in VARIANTS:  # the tiny model reads ~2 MB per token: no bandwidth bound quoted
-        assert f"{round(bench[v]['bandwidth']['bytes_per_token']['total']):,} bytes" in text
+    # the tiny model reads ~2 MB per token: no bandwidth bound quoted, and it says why
+    assert f"{round(bench['model']['bandwidth']['bytes_per_token']['total']):,} bytes" in text
     assert "Not quoted" in text and "| M2 Max |" not in text
     assert "| KLD max | 3.2500 |  |" in text  # a null threshold: no verdict
     assert "speed.png" in text and (run_dir / "card" / "speed.png").read_bytes()[:4] == b"\x89PNG"
