@@ -1,7 +1,41 @@
 """card: this run's metrics → data/card/README.md, the model card (ModelCard + template)."""
 
-from tierquant.card import build_card
+from pathlib import Path
+
+from tierquant.card import CardInputs, SourceModel, build_card, default_repo_id
+from tierquant.config import Config
+from tierquant.provenance import build_provenance, config_dict
 from tierquant.stage import stage_main
 
+
+def run(config: Config) -> Path:
+    """Render the model card (and its speed chart) from this run's files."""
+    paths, model = config.paths, config.model
+    return build_card(
+        out=Path(paths.card),
+        inputs=CardInputs(
+            size_metrics=Path(paths.size_metrics),
+            plan_dir=Path(paths.plan),
+            model_dir=Path(paths.model),
+            validate=Path(paths.validate),
+            benchmark_dir=Path(paths.benchmark),
+            machine=Path(paths.machine),
+        ),
+        repo_id=default_repo_id(
+            config.publish.repo_id, config.publish.namespace, model.name, config.recipe.name
+        ),
+        source=SourceModel(
+            name=model.name,
+            base_model=model.repo_id if model.source == "hub" else None,
+            revision=model.revision,
+            license=model.license,
+        ),
+        recipe_name=config.recipe.name,
+        group_size=config.quant.group_size,
+        chips=dict(config.benchmark.chips),
+        provenance=build_provenance(config_dict(config)),
+    )
+
+
 if __name__ == "__main__":
-    stage_main(build_card)()
+    stage_main(run)()

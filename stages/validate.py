@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from tierquant.config import Config
+from tierquant.headline import write_quality_headline
 from tierquant.stage import stage_main
 from tierquant.validate import validate_model
 
@@ -24,5 +25,16 @@ def validate(config: Config) -> None:
     )
 
 
+def run(config: Config) -> None:
+    """Check data/model's structure and quality against the reference; gate it. The
+    headline metrics are written whatever the verdict (passed: false on a failure)."""
+    try:
+        validate(config)
+    finally:
+        write_quality_headline(
+            validate_path=Path(config.paths.validate), headline_dir=Path(config.paths.headline)
+        )
+
+
 if __name__ == "__main__":
-    stage_main(validate)()
+    stage_main(run)()

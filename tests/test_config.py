@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -76,3 +78,20 @@ def test_stage_help_says_what_the_stage_does():
     assert proc.returncode == 0, proc.stderr
     assert "usage: python stages/quantize.py tier=<tier>" in proc.stdout
     assert "data/quantized/<tier>" in proc.stdout  # the stage script's own docstring
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("validate.bpw_tolerance=-1", "validate.bpw_tolerance"),
+        ("validate.top1_min=1.5", "validate.top1_min"),
+        ("validate.kld_mean_max=-0.1", "validate.kld_mean_max"),
+        ("validate.ppl_ratio_max=0", "validate.ppl_ratio_max"),
+        ("benchmark.overhead_gib=-2", "benchmark.overhead_gib"),
+        ("model.max_shard_bytes=0", "model.max_shard_bytes"),
+        ("model.synthetic.hidden_size=0", "model.synthetic.hidden_size"),
+    ],
+)
+def test_numeric_params_are_range_checked_naming_the_key(override, key):
+    with pytest.raises(TierquantError, match=re.escape(key)):
+        validate(compose([override]))

@@ -19,10 +19,10 @@ import pytest
 from hubserver import LocalHub
 from huggingface_hub import HfApi, constants
 
+from stages.publish import run as publish  # the stage's call of tierquant.publish
 from tests.conftest import build_model, isolate_hf_client, run_stage
 from tierquant.config import Config, compose, validate
 from tierquant.errors import TierquantError
-from tierquant.publish import publish
 
 TOKEN = "hf_TESTtoken_s3cr3t_0123456789"
 REPO = "tester/tiny-tierquant-seed"
@@ -76,7 +76,7 @@ def hub(request, monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture(scope="module")
 def builds(tiny_original: Path, tiny_float: Path, tmp_path_factory) -> dict[str, Path]:
     """The tiny model built twice, experts at 3 and at 4 bits, each with its card."""
-    from tierquant.card import build_card
+    from stages.card import run as build_card
 
     out = {}
     for bits in (3, 4):
@@ -295,6 +295,25 @@ def test_failed_validation_refuses(builds, hub: LocalHub, monkeypatch, tmp_path)
     with pytest.raises(TierquantError, match="validation has not run"):
         publish(config)
     assert hub.requests == []
+
+
+def test_a_card_made_from_other_files_is_refused(builds, hub: LocalHub, tmp_path) -> None:
+    """After a failed experiment the workspace holds new metrics beside the old card."""
+    other = tmp_path / "validate.json"
+    other.write_text(json.dumps({**PASSED, "kld_mean": 0.25}))
+    config = _config(builds[3], ["tiers.experts=3"])
+    config.paths.validate = str(other)
+    with pytest.raises(TierquantError, match="made from another validation metrics"):
+        publish(config)
+    receipt = json.loads(Path(config.paths.publish).read_text())
+    assert receipt["status"] == "failed" and receipt["commit"] is None
+    assert receipt["source"]["validate_sha256"] and receipt["source"]["model_sha256"]
+
+
+def test_a_card_written_for_another_repo_is_refused(builds, hub: LocalHub) -> None:
+    config = _config(builds[3], ["tiers.experts=3"], repo_id="someone-else/model")
+    with pytest.raises(TierquantError, match="is written for 'tester/tiny-tierquant-seed'"):
+        publish(config)
 
 
 def test_server_error_mid_upload(builds, hub: LocalHub, monkeypatch, capsys, caplog) -> None:

@@ -5,57 +5,51 @@ Every number comes from the run's own files: assemble's size metrics
 metrics (`paths.validate`), the two benchmarks (`paths.benchmark/{model,original}.json`:
 speed, fit and bandwidth tables) and the machine (`paths.machine`). A file that is
 missing leaves its section saying "not measured"; a failed validation is stated at the
-top (and tierquant.publish refuses to push it). The layout lives in
+top (and tierquant.publish refuses to push it). The card decides nothing about the
+gate: it shows `passed` and the `gate` entries validate wrote. The layout lives in
 `tierquant/templates/card.md.j2`, rendered with huggingface_hub's
-`ModelCard.from_template`; the metadata is a `ModelCardData`.
+`ModelCard.from_template`; the metadata is a `ModelCardData`, whose `tierquant:` entry
+records the repo id, the digest of the model's files and the sha256 of validate's
+metrics the card was made from (tierquant.publish refuses a card that no longer
+matches). The tok/s chart is rendered offline with matplotlib into `speed.png` beside it.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .config import Config
 from .errors import TierquantError
 from .files import atomic_output, read_json
 from .plan import read_plan
-from .provenance import (
-    describe_revision,
-    git_revision,
-    params_diff,
-    params_hash,
-    pipeline_outputs,
-    repro_command,
-)
+from .provenance import describe_revision, file_sha256, model_digest, repro_command
 
 log = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).parent / "templates" / "card.md.j2"
 CARD_NAME = "README.md"
 GIB = 2**30
-QUALITY_ROWS = (  # metric key, label, gate key in ValidateConfig (or None)
-    ("kld_mean", "KLD mean", "kld_mean_max"),
-    ("kld_median", "KLD median", None),
-    ("kld_p99", "KLD p99", "kld_p99_max"),
-    ("kld_p99_9", "KLD p99.9", None),
-    ("kld_max", "KLD max", "kld_max_max"),
-    ("top1_agreement", "Top-1 agreement", "top1_min"),
-    ("ppl_reference", "PPL (original)", None),
-    ("ppl_model", "PPL (this model)", None),
-    ("ppl_ratio", "PPL ratio (this / original)", "ppl_ratio_max"),
-)
+OPS = {"<=": "≤", ">=": "≥", "<": "<", ">": ">"}
+# Below this many bytes read per generated token, per-token overhead (dispatch, Python),
+# not memory bandwidth, limits generation: bandwidth bounds are not quoted.
+BANDWIDTH_MIN_BYTES = 100 * 2**20
+SPEED_CHART = "speed.png"
 
 
-def default_repo_id(config: Config) -> str:
-    """`publish.repo_id`, or `<namespace>/<model>-tierquant-<recipe>` (namespace may be a
-    `<namespace>` placeholder when unset: fine for a dry run, refused for a push)."""
-    if config.publish.repo_id:
-        return config.publish.repo_id
-    namespace = config.publish.namespace or "<namespace>"
-    return f"{namespace}/{config.model.name}-tierquant-{config.recipe.name}"
+def default_repo_id(
+    repo_id: str | None, namespace: str | None, model_name: str, recipe_name: str
+) -> str:
+    """`publish.repo_id`, or `<namespace>/<model>-tierquant-<recipe>`; without a namespace
+    the bare `<model>-tierquant-<recipe>` (fine for a dry run and the card; a push
+    refuses it and says to set publish.namespace)."""
+    if repo_id:
+        return repo_id
+    name = f"{model_name}-tierquant-{recipe_name}"
+    return f"{namespace}/{name}" if namespace else name
 
 
 def _maybe_json(path: Path) -> dict[str, Any] | None:
@@ -106,31 +100,6 @@ def module_summary(tensors: list[dict[str, Any]], num_layers: int | None) -> str
     return "; ".join(parts) or "–"
 
 
-def _validation(metrics: dict[str, Any] | None, config: Config) -> dict[str, str]:
-    if metrics is None:
-        return {"status": "not run", "summary": ""}
-    failures = []
-    for key, label, gate in QUALITY_ROWS:
-        limit = getattr(config.validate, gate) if gate else None
-        value = metrics.get(key)
-        if limit is None or value is None:
-            continue
-        ok = value >= limit if gate.endswith("_min") else value <= limit
-        if not ok:
-            failures.append(f"{label} {value:.4g} vs limit {limit:g}")
-    if metrics.get("structure_problems"):
-        failures.append(f"{metrics['structure_problems']} structural problems")
-    passed = bool(metrics.get("passed")) and not failures
-    if passed:
-        summary = ", ".join(
-            f"{label} {metrics[key]:.4g}"
-            for key, label, _ in QUALITY_ROWS
-            if key in ("kld_mean", "top1_agreement", "ppl_ratio") and key in metrics
-        )
-        return {"status": "passed", "summary": summary}
-    return {"status": "failed", "summary": "; ".join(failures) or "validate reported a failure"}
-
-
 def _percentile_rows(prefix: str, label: str, keys: tuple[str, ...]) -> tuple:
     """Rows of percentiles `p99_9` → "<label> 99.9%" (no error)."""
     return tuple((f"{prefix}_{k}", f"{label} {k[1:].replace('_', '.')}%", None) for k in keys)
@@ -156,12 +125,47 @@ QUALITY_TABLE = (
 )
 
 
-def _quality(metrics: dict[str, Any] | None, config: Config) -> dict[str, Any] | None:
+def _verdicts(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """validate.json's gate entries with a threshold, by metric (the card decides nothing)."""
+    return {
+        g["metric"]: g
+        for g in metrics.get("gate") or []
+        if g.get("threshold") is not None and g.get("metric")
+    }
+
+
+def _label(metric: str) -> str:
+    return {key: label for key, label, _ in QUALITY_TABLE}.get(metric, metric)
+
+
+def _validation(metrics: dict[str, Any] | None) -> dict[str, str]:
+    """The verdict validate wrote (`passed`), and its failed gate entries in words."""
+    if metrics is None:
+        return {"status": "not run", "summary": ""}
+    if metrics.get("passed") is True:
+        summary = ", ".join(
+            f"{label} {metrics[key]:.4g}"
+            for key, label, _ in QUALITY_TABLE
+            if key in ("kld_mean", "top1_agreement", "ppl_ratio") and key in metrics
+        )
+        return {"status": "passed", "summary": summary}
+    failures = [
+        f"{_label(g['metric'])} {g['value']:.4g} vs limit {OPS.get(g['op'], g['op'])} "
+        f"{g['threshold']:g} ({g['param']})"
+        for g in _verdicts(metrics).values()
+        if g.get("passed") is False and g.get("value") is not None
+    ]
+    if metrics.get("structure_problems"):
+        failures.append(f"{metrics['structure_problems']} structural problems")
+    return {"status": "failed", "summary": "; ".join(failures) or "validate reported a failure"}
+
+
+def _quality(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     """The quality table: validate's values ± their errors, and its own verdicts (the
     "gate" list of metrics/validate.json; the card decides nothing)."""
     if metrics is None or "kld_mean" not in metrics:
         return None
-    verdicts = {g["metric"]: g for g in metrics.get("gate", []) if g.get("passed") is not None}
+    verdicts = _verdicts(metrics)
     rows = []
     for key, label, err_key in QUALITY_TABLE:
         if metrics.get(key) is None:
@@ -169,12 +173,12 @@ def _quality(metrics: dict[str, Any] | None, config: Config) -> dict[str, Any] |
         value = f"{metrics[key]:.4f}"
         if err_key and metrics.get(err_key) is not None:
             value += f" ± {metrics[err_key]:.4f}"
-        gate = ""
-        if key in verdicts:
-            v = verdicts[key]
-            op = "≤" if v["op"] == "<=" else "≥"
-            gate = f"{op} {v['threshold']:g} {'✓' if v['passed'] else '✗ FAILED'}"
-        rows.append({"name": label, "value": value, "gate": gate})
+        g = verdicts.get(key)
+        verdict = ""
+        if g is not None:
+            mark = {True: "✓", False: "✗ FAILED"}.get(g.get("passed"), "")
+            verdict = f"{OPS.get(g['op'], g['op'])} {g['threshold']:g} {mark}".strip()
+        rows.append({"name": label, "value": value, "gate": verdict})
     return {
         "rows": rows,
         "tokens": _int(metrics.get("tokens")),
@@ -240,6 +244,13 @@ def _bandwidth(
     if model is None or "bandwidth" not in model:
         return None
     bw, obw = model["bandwidth"], (original or {}).get("bandwidth", {})
+    per_token = bw["bytes_per_token"].get("total") or 0
+    if per_token < BANDWIDTH_MIN_BYTES:
+        return {
+            "meaningful": False,
+            "weights_bytes": _int(per_token),
+            "min_bytes": _int(BANDWIDTH_MIN_BYTES),
+        }
     contexts = list(bw["contexts"])
     gbps = dict(chips)
     machine = bw.get("machine", {})
@@ -265,6 +276,7 @@ def _bandwidth(
                 cell += f" ({100 * eff:.1f}% of bound)"
             measured.append(cell)
     return {
+        "meaningful": True,
         "contexts": [_int(int(c)) for c in contexts],
         "rows": rows,
         "measured": measured,
@@ -298,20 +310,95 @@ def _tags(precisions: list[str]) -> list[str]:
     return ["mlx", "gpt_oss", "quantized", *extra, *bits, "tierquant"]
 
 
-def card_context(config: Config) -> tuple[ModelCardData, dict[str, Any]]:
-    """The card's metadata and template variables, from this run's files."""
-    paths = config.paths
-    size = read_json(Path(paths.size_metrics))  # assemble always runs before the card
-    model_config = _maybe_json(Path(paths.model) / "config.json") or {}
+def speed_chart(model: dict[str, Any] | None, original: dict[str, Any] | None, out: Path) -> bool:
+    """tok/s against prompt length (prefill and generation; this model and the original)
+    as a PNG, rendered offline with matplotlib (no metadata: same data, same bytes).
+    False (nothing written) when there is no benchmark."""
+    if not model or not model.get("speed"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    for ax, key, title in (
+        (axes[0], "prefill_tps", "Prefill"),
+        (axes[1], "generation_tps", "Generation"),
+    ):
+        for label, bench, style in (("this model", model, "o-"), ("original", original, "s--")):
+            speed = (bench or {}).get("speed") or {}
+            contexts = sorted(speed, key=int)
+            if contexts:
+                values = [speed[c][key]["median"] for c in contexts]
+                ax.plot([int(c) for c in contexts], values, style, label=label)
+        ax.set_title(f"{title} tok/s vs prompt tokens")
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("tok/s (median)")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
+def made_from(model_dir: Path, validate_path: Path) -> dict[str, str | None]:
+    """The digests of what the card describes (data/model's files, validate.json's bytes):
+    recorded in the card's metadata, so publish refuses a card that no longer matches."""
+    return {
+        "model_sha256": model_digest(model_dir),
+        "validate_sha256": file_sha256(validate_path),
+    }
+
+
+@dataclass(frozen=True)
+class CardInputs:
+    """The run's files the card is made from."""
+
+    size_metrics: Path  # assemble's metrics/size.json (required)
+    plan_dir: Path
+    model_dir: Path
+    validate: Path  # validate's metrics (missing: "not run")
+    benchmark_dir: Path  # <dir>/model.json and original.json (missing: "not measured")
+    machine: Path
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """What the card says the model is a quantization of."""
+
+    name: str  # params' model.name
+    base_model: str | None  # Hub repo id; None for the synthetic model
+    revision: str | None
+    license: str
+
+
+def card_context(
+    *,
+    inputs: CardInputs,
+    repo_id: str,
+    source: SourceModel,
+    recipe_name: str,
+    group_size: int,
+    chips: dict[str, float],
+    provenance: dict[str, Any],
+) -> tuple[ModelCardData, dict[str, Any]]:
+    """The card's metadata and template variables, from this run's files.
+
+    `provenance` is tierquant.provenance.build_provenance's record (with its diff).
+    """
+    size = read_json(inputs.size_metrics)  # assemble always runs before the card
+    model_config = _maybe_json(inputs.model_dir / "config.json") or {}
     num_layers = model_config.get("num_hidden_layers")
-    bench_dir = Path(paths.benchmark)
-    model_bench = _maybe_json(bench_dir / "model.json")
-    original_bench = _maybe_json(bench_dir / "original.json")
-    validate_metrics = _maybe_json(Path(paths.validate))
+    model_bench = _maybe_json(inputs.benchmark_dir / "model.json")
+    original_bench = _maybe_json(inputs.benchmark_dir / "original.json")
+    validate_metrics = _maybe_json(inputs.validate)
 
     tiers = []
     for name, t in size["tiers"].items():
-        plan = read_plan(Path(paths.plan), name)
+        plan = read_plan(inputs.plan_dir, name)
         tiers.append(
             {
                 "name": name,
@@ -337,43 +424,46 @@ def card_context(config: Config) -> tuple[ModelCardData, dict[str, Any]]:
         "ratio": f"{100 * ratio:.1f}%" if ratio else "–",
     }
 
-    rev = git_revision(ignore=pipeline_outputs(config))
-    diff = params_diff(config)
-    repo_id = default_repo_id(config)
-    base_model = config.model.repo_id if config.model.source == "hub" else None
+    rev, diff = provenance["revision"], provenance["diff"]
+    base_model = source.base_model
     precisions = [t["precision"] for t in size["tiers"].values()]
+    sources = {"repo_id": repo_id, **made_from(inputs.model_dir, inputs.validate)}
     card_data = ModelCardData(
-        license=config.model.license,
+        license=source.license,
         base_model=base_model,
         library_name="mlx",
         pipeline_tag="text-generation",
         tags=_tags(precisions),
         model_name=repo_id.split("/")[-1],
+        tierquant=sources,
         **({"base_model_relation": "quantized"} if base_model else {}),
     )
     context = {
         "repo_id": repo_id,
-        "model_label": f"`{base_model}`" if base_model else f"The `{config.model.name}` model",
+        "model_label": f"`{base_model}`" if base_model else f"The `{source.name}` model",
         "base_model": base_model,
-        "base_revision": config.model.revision,
+        "base_revision": source.revision,
         "source_note": (
-            f"tierquant's synthetic `{config.model.name}` gpt-oss (random weights in the exact "
+            f"tierquant's synthetic `{source.name}` gpt-oss (random weights in the exact "
             "layout of openai/gpt-oss-120b, for testing the pipeline; not a language model)"
         ),
-        "recipe_name": config.recipe.name,
-        "group_size": config.quant.group_size,
+        "recipe_name": recipe_name,
+        "group_size": group_size,
         "tiers": tiers,
         "size": size_view,
-        "validation": _validation(validate_metrics, config),
-        "quality": _quality(validate_metrics, config),
-        "machine": _machine(_maybe_json(Path(paths.machine)), model_bench),
+        "namespace_set": "/" in repo_id,
+        "made_from": sources,
+        "validation": _validation(validate_metrics),
+        "quality": _quality(validate_metrics),
+        "machine": _machine(_maybe_json(inputs.machine), model_bench),
         "speed": _speed(model_bench, original_bench),
+        "speed_chart": None,  # set by build_card once the chart is written
         "fit": _fit(model_bench),
-        "bandwidth": _bandwidth(model_bench, original_bench, config.benchmark.chips),
+        "bandwidth": _bandwidth(model_bench, original_bench, chips),
         "repro": {
             "revision": describe_revision(rev),
             "commit": rev["commit"] or "<tierquant revision>",
-            "params_hash": params_hash(config),
+            "params_hash": provenance["params_hash"],
             "changed": [
                 {"key": k, "value": _show(v), "default": _show(d)} for k, v, d in diff["changed"]
             ],
@@ -388,19 +478,25 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def render_card(config: Config, template: Path = TEMPLATE) -> ModelCard:
-    """The model card for this run (not written)."""
+def build_card(*, out: Path, template: Path = TEMPLATE, **context_args: Any) -> Path:
+    """The card stage: `out/README.md` and its chart (speed.png), atomically.
+
+    `context_args` are card_context's (inputs, repo_id, source, recipe_name, group_size,
+    chips, provenance).
+    """
     if not template.is_file():
         raise TierquantError(f"card template {template} is missing")
-    card_data, context = card_context(config)
-    return ModelCard.from_template(card_data, template_path=str(template), **context)
-
-
-def build_card(config: Config) -> Path:
-    """The card stage: render the card into `paths.card/README.md` (atomically)."""
-    card = render_card(config)
-    out = Path(config.paths.card)
+    inputs: CardInputs = context_args["inputs"]
+    out = Path(out)
+    card_data, context = card_context(**context_args)
     with atomic_output(out) as tmp:
+        chart = speed_chart(
+            _maybe_json(inputs.benchmark_dir / "model.json"),
+            _maybe_json(inputs.benchmark_dir / "original.json"),
+            tmp / SPEED_CHART,
+        )
+        context["speed_chart"] = SPEED_CHART if chart else None
+        card = ModelCard.from_template(card_data, template_path=str(template), **context)
         (tmp / CARD_NAME).write_text(str(card).rstrip() + "\n", encoding="utf-8")
     log.info("wrote %s", out / CARD_NAME)
     return out / CARD_NAME

@@ -8,6 +8,7 @@ validate it here, so an unknown key or a wrong type fails at once, naming the ke
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,7 @@ class PathsConfig:
     machine: str = "data/machine.json"
     benchmark: str = "data/benchmark"
     card: str = "data/card"  # holds README.md
+    headline: str = "metrics/headline"  # the DVC metrics: quality.json, model.json, original.json
     publish: str = "data/publish.json"
 
 
@@ -219,6 +221,8 @@ def _first_line(e: Exception) -> str:
 def _check_semantics(config: Config) -> None:
     _check_eval(config.eval)
     _check_benchmark(config.benchmark)
+    _check_validate(config.validate)
+    _check_model_sizes(config.model)
     _check_recipe_and_tiers(config)
     model = config.model
     if model.source == "synthetic":
@@ -244,6 +248,37 @@ def _check_recipe_and_tiers(config: Config) -> None:
         config.recipe.tiers = typed_rules(config.recipe.tiers)
     check_recipe(config.recipe)
     config.precisions()
+
+
+def _check_range(
+    key: str, value: float | None, low: float, high: float = float("inf"), *, open_low=False
+) -> None:
+    """A numeric param within [low, high] ((low, high] with open_low); None is allowed."""
+    if value is None:
+        return
+    ok = (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        upper = "" if high == float("inf") else f"{high:g}"
+        raise TierquantError(
+            f"params: {key} must be in {bracket}{low:g}, {upper or 'inf'}{']' if upper else ')'}"
+            f", got {value}"
+        )
+
+
+def _check_validate(v: ValidateConfig) -> None:
+    for key in ("kld_mean_max", "kld_p99_max", "kld_max_max", "bpw_tolerance"):
+        _check_range(f"validate.{key}", getattr(v, key), 0)
+    _check_range("validate.top1_min", v.top1_min, 0, 1)
+    _check_range("validate.ppl_ratio_max", v.ppl_ratio_max, 0, open_low=True)
+
+
+def _check_model_sizes(model: ModelConfig) -> None:
+    _check_range("model.max_shard_bytes", model.max_shard_bytes, 1)
+    if model.synthetic is not None:
+        for key, value in dataclasses.asdict(model.synthetic).items():
+            if isinstance(value, int) and not isinstance(value, bool) and key != "seed":
+                _check_range(f"model.synthetic.{key}", value, 1)
 
 
 def _check_eval(ev: EvalConfig) -> None:
@@ -274,6 +309,12 @@ def _check_benchmark(b: BenchmarkConfig) -> None:
         if not 0 < getattr(b, key) <= 1:
             value = getattr(b, key)
             raise TierquantError(f"params: benchmark.{key} must be in (0, 1], got {value}")
+    for key in ("small_memory_gib", "os_reserve_gib", "overhead_gib"):
+        _check_range(f"benchmark.{key}", getattr(b, key), 0)
+    for size in b.memory_gib:
+        _check_range("benchmark.memory_gib", size, 0, open_low=True)
+    for chip, gbps in b.chips.items():
+        _check_range(f"benchmark.chips.{chip}", gbps, 0, open_low=True)
 
 
 def compose(overrides: list[str] | None = None) -> dict[str, Any]:

@@ -14,11 +14,12 @@ import dataclasses
 import hashlib
 import json
 import re
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from .config import Config, compose, project_root, validate
+from .config import compose, project_root, validate
 
 # Keys that never change what is built: left out of the params hash and the command.
 NOT_BUILD_PARAMS = ("publish",)
@@ -28,11 +29,11 @@ NOT_BUILD_PARAMS = ("publish",)
 PIPELINE_FILES = ("dvc.lock", "params.yaml")
 
 
-def pipeline_outputs(config: Config) -> list[str]:
+def pipeline_outputs(paths: dict[str, str]) -> list[str]:
     """dvc.lock, params.yaml (its differences are reported as params), every output path
-    in `paths` and the `.gitignore` DVC writes beside each: what `dirty` ignores, so a
-    build inside `dvc repro` is not dirty."""
-    outputs = [str(p) for p in dataclasses.asdict(config.paths).values()]
+    in `paths` (params' `paths:`) and the `.gitignore` DVC writes beside each: what
+    `dirty` ignores, so a build inside `dvc repro` is not dirty."""
+    outputs = [str(p) for p in paths.values()]
     gitignores = {(Path(p).parent / ".gitignore").as_posix() for p in outputs}
     return [*PIPELINE_FILES, *outputs, *sorted(gitignores)]
 
@@ -69,14 +70,15 @@ def describe_revision(rev: dict[str, Any]) -> str:
     return rev["commit"][:12] + ("+dirty" if rev.get("dirty") else "")
 
 
-def config_dict(config: Config) -> dict[str, Any]:
-    """The typed config as plain data (every schema field present)."""
+def config_dict(config: Any) -> dict[str, Any]:
+    """A typed config (tierquant.config.Config) as plain data (every schema field present):
+    what the functions here take as `params`."""
     return dataclasses.asdict(config)
 
 
-def params_hash(config: Config) -> str:
+def params_hash(params: dict[str, Any]) -> str:
     """sha256 (first 16 hex digits) of the build params: everything but `publish`."""
-    data = {k: v for k, v in config_dict(config).items() if k not in NOT_BUILD_PARAMS}
+    data = {k: v for k, v in params.items() if k not in NOT_BUILD_PARAMS}
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -90,34 +92,32 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
-def compose_defaults(overrides: list[str] | None = None) -> Config:
-    """The typed composition of `conf/` (+ overrides), also from inside a running Hydra app
-    (a stage): Hydra's global state is set aside while composing and restored after."""
+def compose_defaults(overrides: list[str] | None = None) -> dict[str, Any]:
+    """The typed composition of `conf/` (+ overrides) as plain data, also from inside a
+    running Hydra app (a stage): Hydra's global state is set aside and restored after."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
 
     backup = get_gh_backup()
     GlobalHydra.instance().clear()
     try:
-        return validate(compose(overrides))
+        return config_dict(validate(compose(overrides)))
     finally:
         restore_gh_from_backup(backup)
 
 
-def _group_overrides(config: Config, defaults: Config, root: Path) -> list[str]:
+def _group_overrides(params: dict, defaults: dict, root: Path) -> list[str]:
     """`model=<name>` / `recipe=<name>` where the run picked another conf/ group file."""
     overrides = []
-    for group, chosen, default in (
-        ("model", config.model.name, defaults.model.name),
-        ("recipe", config.recipe.name, defaults.recipe.name),
-    ):
+    for group in ("model", "recipe"):
+        chosen, default = params[group]["name"], defaults[group]["name"]
         if chosen != default and (root / "conf" / group / f"{chosen}.yaml").is_file():
             overrides.append(f"{group}={chosen}")
     return overrides
 
 
-def params_diff(config: Config, root: Path | None = None) -> dict[str, Any]:
-    """How this run's params differ from the defaults in `conf/`.
+def params_diff(params: dict[str, Any], root: Path | None = None) -> dict[str, Any]:
+    """How this run's params (config_dict of the typed config) differ from `conf/`'s.
 
     Returns `{"groups": [...], "changed": [(key, value, default)], "overrides": [...]}`;
     `overrides` are the Hydra overrides that recreate the run (`groups` first).
@@ -125,18 +125,12 @@ def params_diff(config: Config, root: Path | None = None) -> dict[str, Any]:
     """
     root = root or project_root()
     defaults = compose_defaults()
-    groups = _group_overrides(config, defaults, root)
+    groups = _group_overrides(params, defaults, root)
     if groups:
         defaults = compose_defaults(groups)
-    ours = {
-        k: v
-        for k, v in _flatten(config_dict(config)).items()
-        if k.split(".")[0] not in NOT_BUILD_PARAMS
-    }
+    ours = {k: v for k, v in _flatten(params).items() if k.split(".")[0] not in NOT_BUILD_PARAMS}
     theirs = {
-        k: v
-        for k, v in _flatten(config_dict(defaults)).items()
-        if k.split(".")[0] not in NOT_BUILD_PARAMS
+        k: v for k, v in _flatten(defaults).items() if k.split(".")[0] not in NOT_BUILD_PARAMS
     }
     changed = [(k, ours.get(k), theirs.get(k)) for k in sorted(set(ours) | set(theirs))]
     changed = [(k, v, d) for k, v, d in changed if v != d]
@@ -172,15 +166,69 @@ def override_value(value: Any) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def build_provenance(params: dict[str, Any], *, diff: bool = True) -> dict[str, Any]:
+    """Where a build came from, for the card and the publish receipt: `revision` (git
+    commit + dirty, the pipeline's own outputs ignored), `params_hash`, and (with `diff`)
+    `diff` = params_diff(params)."""
+    return {
+        "revision": git_revision(ignore=pipeline_outputs(params["paths"])),
+        "params_hash": params_hash(params),
+        "diff": params_diff(params) if diff else None,
+    }
+
+
 def repro_command(overrides: list[str]) -> str:
     """The `dvc exp run` that recreates a run from the defaults (plain `dvc repro` if none)."""
     if not overrides:
         return "dvc repro"
-    quoted = " ".join(f"-S {_shell_quote(o)}" for o in overrides)
+    quoted = " ".join(f"-S {shlex.quote(o)}" for o in overrides)
     return f"dvc exp run {quoted}"
 
 
-def _shell_quote(text: str) -> str:
-    if re.fullmatch(r"[A-Za-z0-9_./:=+,-]+", text):
-        return text
-    return "'" + text.replace("'", "'\"'\"'") + "'"
+# --- what a card / receipt was made from -------------------------------------------------
+
+_CHUNK = 16 << 20
+MODEL_DIGEST_EXCLUDE = ("README.md",)  # the card replaces any README when published
+
+
+def hash_file(path: Path) -> tuple[int, str, str]:
+    """(size, sha256, git blob sha1) in one streaming pass."""
+    size = path.stat().st_size
+    sha256 = hashlib.sha256()
+    sha1 = hashlib.sha1(b"blob %d\0" % size)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha256.update(chunk)
+            sha1.update(chunk)
+    return size, sha256.hexdigest(), sha1.hexdigest()
+
+
+def model_files(model_dir: Path) -> dict[str, Path]:
+    """A model folder's files by relative path (hidden ones, e.g. DVC's, skipped)."""
+    return {
+        p.relative_to(model_dir).as_posix(): p
+        for p in sorted(model_dir.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(model_dir).parts)
+    }
+
+
+def tree_digest(hashes: dict[str, str]) -> str:
+    """sha256 over `path sha256` lines (sorted): one name for a folder's content."""
+    lines = "".join(f"{path} {h}\n" for path, h in sorted(hashes.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def model_digest(model_dir: Path, hashes: dict[str, str] | None = None) -> str | None:
+    """The digest of a model folder's files (README.md left out); None if it has none.
+
+    `hashes` (path -> sha256), when the caller has hashed the files already, saves a pass.
+    """
+    if hashes is None:
+        hashes = {rel: hash_file(p)[1] for rel, p in model_files(Path(model_dir)).items()}
+    hashes = {k: v for k, v in hashes.items() if k not in MODEL_DIGEST_EXCLUDE}
+    return tree_digest(hashes) if hashes else None
+
+
+def file_sha256(path: Path) -> str | None:
+    """sha256 of a file, None when it does not exist."""
+    return hash_file(Path(path))[1] if Path(path).is_file() else None

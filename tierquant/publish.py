@@ -2,8 +2,11 @@
 
 Dry run by default (`publish.push: false`, and always inside `dvc exp run`): writes the
 receipt `paths.publish` (data/publish.json) with the target repo and revision, the
-commit message, and every file that would be uploaded (path, size, sha256); nothing
-touches the network.
+commit message, and every file that would be uploaded (path, size, sha256), and the
+digests of what it publishes (`source`: model files, validate's metrics); nothing touches
+the network. Both the dry run and a push refuse a card whose `tierquant:` metadata names
+another repo id, model digest or validate.json than the current ones (after a failed
+experiment the workspace holds a new model beside the previous run's card).
 
 With `publish.push=true` (`python stages/publish.py publish.push=true`, what the release
 workflow runs) it first refuses, before any network access, when `HF_TOKEN` is unset
@@ -35,7 +38,6 @@ appears in logs, errors or the receipt.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -43,11 +45,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .card import CARD_NAME, default_repo_id
-from .config import Config
+from .card import CARD_NAME
 from .errors import TierquantError
 from .files import atomic_output, json_bytes, read_json
-from .provenance import describe_revision, git_revision, params_hash, pipeline_outputs
+from .provenance import describe_revision, file_sha256, hash_file, model_digest, model_files
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ TOKEN_ENV = "HF_TOKEN"
 # Set by `dvc exp run` for the commands it runs: experiments never publish.
 EXPERIMENT_ENV = "DVC_EXP_BASELINE_REV"
 STALE_PATTERNS = ["*.safetensors"]  # remote files of these names not in data/model are deleted
-_CHUNK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -73,30 +73,15 @@ class LocalFile:
         return {"path": self.path, "size": self.size, "sha256": self.sha256}
 
 
-def hash_file(path: Path) -> tuple[int, str, str]:
-    """(size, sha256, git blob sha1) in one streaming pass."""
-    size = path.stat().st_size
-    sha256 = hashlib.sha256()
-    sha1 = hashlib.sha1(b"blob %d\0" % size)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha256.update(chunk)
-            sha1.update(chunk)
-    return size, sha256.hexdigest(), sha1.hexdigest()
-
-
 def collect_files(model_dir: Path, card: Path) -> list[LocalFile]:
     """data/model's files (hidden ones skipped, any README.md replaced) + the card."""
     if not (model_dir / "config.json").is_file():
         raise TierquantError(f"{model_dir}: no model to publish (no config.json); run assemble")
     if not card.is_file():
         raise TierquantError(f"{card}: the model card is missing; run the card stage")
-    sources = {
-        p.relative_to(model_dir).as_posix(): p
-        for p in sorted(model_dir.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(model_dir).parts)
-    }
-    sources[CARD_NAME] = card
+    sources = model_files(model_dir)
+    # the card and the files it references (its charts) from the card's folder
+    sources.update(model_files(card.parent))
     files = []
     for rel in sorted(sources):
         size, sha256, sha1 = hash_file(sources[rel])
@@ -111,11 +96,37 @@ def validation_status(path: Path) -> dict[str, Any]:
     return {"path": str(path), "passed": read_json(path).get("passed") is True}
 
 
-def commit_message(config: Config, revision: dict[str, Any], phash: str) -> tuple[str, str]:
+@dataclass(frozen=True)
+class Target:
+    """Where and how to publish (params' `publish:`, with the repo id resolved)."""
+
+    repo_id: str
+    revision: str = "main"
+    private: bool = False
+    create_pr: bool = False
+    tag: str | None = None
+    push: bool = False
+
+
+@dataclass(frozen=True)
+class Build:
+    """What is published: the run's files and what they were built from."""
+
+    model_dir: Path
+    card_dir: Path  # holds README.md (the card) and the files it references
+    validate: Path  # validate's metrics: `passed` gates a push
+    model_name: str
+    recipe_name: str
+    tiers: dict[str, Any]  # tier -> precision, as in params
+    provenance: dict[str, Any]  # tierquant.provenance.build_provenance(...)
+
+
+def commit_message(build: Build) -> tuple[str, str]:
     """(summary, description) of the Hub commit: names the git revision and params hash."""
-    bits = "/".join(str(v) for v in config.tiers.values())
+    revision, phash = build.provenance["revision"], build.provenance["params_hash"]
+    bits = "/".join(str(v) for v in build.tiers.values())
     summary = (
-        f"tierquant {describe_revision(revision)}: {config.model.name} {config.recipe.name} "
+        f"tierquant {describe_revision(revision)}: {build.model_name} {build.recipe_name} "
         f"({bits}), params {phash}"
     )
     description = "\n".join(
@@ -123,7 +134,7 @@ def commit_message(config: Config, revision: dict[str, Any], phash: str) -> tupl
             f"git revision: {revision.get('commit') or 'unknown'}"
             + (" (uncommitted changes)" if revision.get("dirty") else ""),
             f"params hash: {phash}",
-            "tiers: " + ", ".join(f"{k}={v}" for k, v in config.tiers.items()),
+            "tiers: " + ", ".join(f"{k}={v}" for k, v in build.tiers.items()),
         ]
     )
     return summary, description
@@ -138,17 +149,17 @@ def _write_receipt(path: Path, receipt: dict[str, Any]) -> None:
         tmp.write_bytes(json_bytes(receipt))
 
 
-def publish(config: Config) -> dict[str, Any]:
-    """The publish stage: a dry-run receipt, or (publish.push) a push to the Hub."""
-    out = Path(config.paths.publish)
-    pub = config.publish
-    revision = git_revision(ignore=pipeline_outputs(config))
-    phash = params_hash(config)
-    summary, description = commit_message(config, revision, phash)
+def publish(*, build: Build, target: Target, receipt_path: Path) -> dict[str, Any]:
+    """The publish stage: a dry-run receipt, or (target.push) a push to the Hub."""
+    out = Path(receipt_path)
+    pub = target
+    revision = build.provenance["revision"]
+    phash = build.provenance["params_hash"]
+    summary, description = commit_message(build)
     receipt: dict[str, Any] = {
         "format": RECEIPT_FORMAT,
         "status": "failed",
-        "repo_id": default_repo_id(config),
+        "repo_id": target.repo_id,
         "repo_type": "model",
         "revision": pub.revision,
         "private": pub.private,
@@ -160,17 +171,24 @@ def publish(config: Config) -> dict[str, Any]:
             "params_hash": phash,
         },
         "commit_message": summary,
-        "validation": validation_status(Path(config.paths.validate)),
+        "validation": validation_status(build.validate),
         "files": [],
         "total_bytes": 0,
         "commit": None,
     }
     token = os.environ.get(TOKEN_ENV) or None
     try:
-        files = collect_files(Path(config.paths.model), Path(config.paths.card) / CARD_NAME)
+        card_path = Path(build.card_dir) / CARD_NAME
+        model_dir = Path(build.model_dir)
+        files = collect_files(model_dir, card_path)
         receipt["files"] = [f.receipt() for f in files]
         receipt["total_bytes"] = sum(f.size for f in files)
+        model_hashes = {f.path: f.sha256 for f in files if f.path in model_files(model_dir)}
+        receipt["source"]["repo_id"] = target.repo_id
+        receipt["source"]["model_sha256"] = model_digest(model_dir, model_hashes)
+        receipt["source"]["validate_sha256"] = file_sha256(build.validate)
         if not pub.push:
+            check_card_matches(card_path, receipt["source"], build.validate)
             receipt["status"] = "dry-run"
             if receipt["validation"]["passed"] is not True:
                 log.warning("validation has not passed: a push of this model would be refused")
@@ -184,7 +202,8 @@ def publish(config: Config) -> dict[str, Any]:
                 out,
             )
             return receipt
-        _check_push(config, receipt, token)
+        _check_push(target, receipt, token)
+        check_card_matches(card_path, receipt["source"], build.validate)
         result = push_to_hub(
             files,
             repo_id=receipt["repo_id"],
@@ -212,7 +231,38 @@ def publish(config: Config) -> dict[str, Any]:
     return receipt
 
 
-def _check_push(config: Config, receipt: dict[str, Any], token: str | None) -> None:
+def card_build(card_path: Path) -> dict[str, Any]:
+    """What the card says it was made from (its `tierquant:` metadata; {} if none)."""
+    from huggingface_hub import ModelCard
+
+    return dict(ModelCard.load(card_path).data.to_dict().get("tierquant") or {})
+
+
+def check_card_matches(card_path: Path, source: dict[str, Any], validate_path: Path) -> None:
+    """Refuse (dry run and push) a card made from another model or another validate.json:
+    after a failed experiment the workspace holds a new model beside an old card."""
+    made_from = card_build(card_path)
+    if made_from.get("repo_id") != source.get("repo_id"):
+        raise TierquantError(
+            f"publish refused: {card_path} is written for {made_from.get('repo_id')!r}, not "
+            f"{source.get('repo_id')!r} (its heading and usage snippet name the repo); "
+            "rebuild it with the same publish.* settings: `python stages/card.py "
+            "publish.namespace=...` (or set publish.namespace in conf/ and `dvc repro`)"
+        )
+    for key, what, path in (
+        ("model_sha256", "model", "data/model"),
+        ("validate_sha256", "validation metrics", str(validate_path)),
+    ):
+        if made_from.get(key) != source.get(key):
+            raise TierquantError(
+                f"publish refused: {card_path} was made from another {what} than the one in "
+                f"{path} now (card: {made_from.get(key)}, now: {source.get(key)}), e.g. after "
+                "a failed experiment; rebuild the card with `dvc repro` (or `python "
+                "stages/card.py`) once validation has run"
+            )
+
+
+def _check_push(target: Target, receipt: dict[str, Any], token: str | None) -> None:
     """Refuse a push before any network access: experiment, token, repo id, validation."""
     if os.environ.get(EXPERIMENT_ENV):
         raise TierquantError(
@@ -224,12 +274,12 @@ def _check_push(config: Config, receipt: dict[str, Any], token: str | None) -> N
             f"publish.push=true needs a Hub write token in {TOKEN_ENV}; it is not set (the "
             "token saved by `hf auth login` is not used for publishing)"
         )
-    if "<namespace>" in receipt["repo_id"]:
+    if "/" not in receipt["repo_id"]:
         raise TierquantError(
-            "publish: no target repo: set publish.repo_id, or publish.namespace (the Hub "
-            "user or organization) for <namespace>/<model>-tierquant-<recipe>"
+            f"publish: no Hub namespace for {receipt['repo_id']!r}: set publish.namespace "
+            "(the Hub user or organization, e.g. publish.namespace=my-org) or publish.repo_id"
         )
-    if config.publish.create_pr and config.publish.revision != "main":
+    if target.create_pr and target.revision != "main":
         raise TierquantError(
             "publish.create_pr opens a pull request against main: leave publish.revision=main"
         )

@@ -3,9 +3,10 @@
 A stage script is `stage_main(library_function)`. Hydra reads params.yaml (never
 conf/, so `dvc exp run -S` overrides apply) with quiet settings: no outputs/ folder,
 no log file, logs on stdout. `key=value` overrides work when run by hand. Expected
-failures (TierquantError, an unknown key, a wrong type) print one clear line and exit
-non-zero without a traceback; so does an OSError (a full disk, a permission, an I/O
-error: the machine's fault, not the code's), naming its file and errno.
+failures (TierquantError, an unknown key, a wrong type) print one `error:` line per
+problem, once (on stderr, not also in the log), and exit non-zero without a traceback;
+so does an OSError (a full disk, a permission, an I/O error: the machine's fault, not
+the code's), naming its file and errno.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from .config import project_root, validate
 from .errors import TierquantError
@@ -75,18 +77,25 @@ def stage_main(run: Callable[..., object], stage_args: tuple[str, ...] = ()) -> 
                     _peak_rss_mb(),
                 )
             except TierquantError as e:
-                log.error("%s", e)
-                print(f"error: {e}", file=sys.stderr)
-                sys.exit(1)
+                fail(str(e))
             except OSError as e:  # the machine, not the code: full disk, permissions, I/O
-                log.error("%s", os_error_message(e))
-                print(f"error: {os_error_message(e)}", file=sys.stderr)
-                sys.exit(1)
+                fail(os_error_message(e))
 
         _hydra_main()
 
     main.__doc__ = run.__doc__
     return main
+
+
+def fail(message: str) -> NoReturn:
+    """Print each problem of `message` once, as an `error:` line on stderr, and exit 1.
+
+    Only stderr: the log (stdout) does not repeat it, so each problem shows once.
+    """
+    for line in message.splitlines() or [message]:
+        if line.strip():
+            print(f"error: {line.strip()}", file=sys.stderr)
+    sys.exit(1)
 
 
 def _print_help(run: Callable[..., object], stage_args: tuple[str, ...]) -> None:

@@ -1,0 +1,123 @@
+"""A newcomer's session with DVC on one repo copy: the headline in `dvc exp show`, the
+cache check repairing an in-place edit, every README `dvc exp run`, failed experiments."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from tests.conftest import PYTHON, REPO, copy_repo, run
+
+pytestmark = pytest.mark.slow
+
+HEADLINE = ("passed", "bpw", "GiB", "kld_mean", "top1", "gen_tok_s", "prefill_tok_s")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """One repo copy after `dvc repro`; the tests below run in order on it."""
+    repo = copy_repo(tmp_path_factory.mktemp("exp") / "repo")
+    run(["dvc", "repro"], repo)
+    return repo
+
+
+def _headline(repo) -> dict:
+    return json.loads((repo / "metrics" / "headline" / "quality.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        [PYTHON, "-m", "tierquant.cli", "compare", "--no-pager"],
+        pytest.param(
+            ["dvc", "exp", "show", "--no-pager"],
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="plain dvc exp show lists every key of params.yaml (~100) and every "
+                "dep (~50); rich's per-column separators alone exceed 160 columns, so it "
+                "collapses even the metrics into '…' (tierquant compare keeps the headline)",
+            ),
+        ),
+    ],
+    ids=["tierquant-compare", "plain-dvc-exp-show"],
+)
+def test_exp_show_fits_the_headline_in_160_columns(repo, cmd):
+    proc = run(cmd, repo, env={"COLUMNS": "160"})
+    lines = proc.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 160
+    header = " ".join(lines[:4])
+    for column in HEADLINE:
+        assert re.search(rf"\b{column}\b", header), (column, proc.stdout)
+
+
+def test_metrics_are_the_headline(repo):
+    metrics = run(["dvc", "metrics", "show", "--json"], repo).stdout
+    files = set(next(iter(json.loads(metrics).values()))["data"])
+    assert files == {f"metrics/headline/{f}.json" for f in ("quality", "model", "original")}
+    assert _headline(repo)["passed"] is True
+
+
+def test_cache_verify_evicts_an_in_place_edit_and_repro_restores(repo):
+    shard = sorted((repo / "data" / "float").glob("*.safetensors"))[0]
+    good = shard.read_bytes()
+    linked = shard.stat().st_nlink > 1  # hardlinked into the cache (ext4's fallback)
+    os.chmod(shard, 0o644)
+    with open(shard, "r+b") as f:  # an in-place edit, as a careless tool would make
+        f.seek(len(good) - 8)
+        f.write(b"\xff" * 8)
+    verify = run([PYTHON, "-m", "tierquant.cli", "cache", "verify"], repo, check=False)
+    if not linked:  # reflink/copy cache: the object kept its bytes
+        assert verify.returncode == 0, verify.stdout
+        shard.write_bytes(good)
+        return
+    assert verify.returncode == 1, verify.stdout
+    assert "evicted" in verify.stdout and shard.name in verify.stdout
+    proc = run(["dvc", "repro"], repo)
+    assert "Running stage 'convert'" in proc.stdout
+    assert shard.read_bytes() == good
+    again = run([PYTHON, "-m", "tierquant.cli", "cache", "verify"], repo)
+    assert "cache ok" in again.stdout
+
+
+def _documented_exp_runs() -> list[list[str]]:
+    """Every `dvc exp run` in the README's code blocks that applies to the default model."""
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith("dvc exp run") and "model=" not in line and "&&" not in line:
+                commands.append(line.split()[1:])
+    return commands
+
+
+def test_every_documented_exp_run_passes(repo):
+    commands = _documented_exp_runs()
+    assert ["exp", "run", "-S", "tiers.experts=4"] in commands and len(commands) >= 4
+    for cmd in commands:
+        proc = run(["dvc", *cmd], repo, check=False)
+        assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-2000:])
+        assert _headline(repo)["passed"] is True, cmd
+
+
+def test_a_failed_experiment_leaves_nothing_that_lies(repo):
+    run(["dvc", "exp", "run"], repo)  # back to the defaults: card + receipt for them
+    proc = run(["dvc", "exp", "run", "-S", "tiers.experts=2"], repo, check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: validate")]
+    assert errors and len(errors) == len(set(errors))  # one line per problem, once
+    assert "Traceback" not in proc.stderr
+    headline = _headline(repo)
+    assert headline["passed"] is False and headline["kld_mean"] > 1.1
+    # the old card and receipt are still there, but publish refuses them
+    dry = run([PYTHON, "stages/publish.py"], repo, check=False)
+    assert dry.returncode == 1 and "made from another model" in dry.stderr, dry.stderr
+    receipt = json.loads((repo / "data" / "publish.json").read_text())
+    assert receipt["status"] == "failed"
+    # an invalid value fails at load and deletes nothing
+    bad = run(["dvc", "exp", "run", "-S", "tiers.experts=7"], repo, check=False)
+    assert bad.returncode != 0 and "tiers.experts" in bad.stderr
+    assert (repo / "metrics" / "predicted_size.json").is_file()

@@ -1,0 +1,151 @@
+"""The `tierquant` command: the pipeline's stages by name, and maintenance commands.
+
+`tierquant <stage> [key=value ...]` runs `python stages/<stage>.py` of the checkout you
+are in (the same thing `dvc repro` runs for that stage; overrides as in the stage's own
+`--help`). `tierquant cache verify` checks the DVC cache (tierquant.dvccache). The
+pipeline itself is driven by DVC (`dvc repro`, `dvc exp run`); this command is a thin
+front door over the stage scripts and the library, not a second pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import TierquantError
+
+# The stages in pipeline order (dvc.yaml), with what each does; tests keep this list
+# equal to stages/*.py.
+STAGES: tuple[tuple[str, str], ...] = (
+    ("download", "write data/original: the synthetic tiny model, or a pinned Hub snapshot"),
+    ("convert", "data/original (MXFP4) -> data/float (bf16, mlx-lm names), streamed"),
+    ("plan", "recipe + config + safetensors headers -> data/plan/<tier>.json"),
+    ("predict", "plan + tiers + quant -> metrics/predicted_size.json (bytes, bits/weight)"),
+    ("quantize", "one tier of data/float at its precision -> data/quantized/<tier> (tier=...)"),
+    ("assemble", "every tier's shards (linked) -> data/model, a stock mlx-lm model"),
+    ("reference", "the original's log-probs on the eval set -> data/reference"),
+    ("validate", "data/model's structure and KLD/top-1/PPL vs the reference; the gate"),
+    ("machine", "record this machine (OS, chip, memory, MLX) -> data/machine.json"),
+    ("benchmark", "prefill/generation tok/s and peak memory ({model|original})"),
+    ("card", "the model card data/card/README.md from this run's measurements"),
+    ("publish", "dry-run receipt data/publish.json, or a push (publish.push=true)"),
+)
+
+EPILOG = """\
+The stages above are the pipeline's (`dvc repro` runs them all, in this order);
+`tierquant <stage> --help` says how to call one.
+
+maintenance:
+  cache verify         rehash every DVC cache object, evict the corrupt ones (and the
+                       outputs linked to them) so the next `dvc repro` rebuilds them
+  compare [args]       `dvc exp show` with the headline metrics and the tiers only
+                       (extra args go to dvc, e.g. --no-pager, --csv, -n 5)
+
+Run inside a tierquant checkout. Compare experiments with `dvc exp show`.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tierquant",
+        description="gpt-oss MXFP4 checkpoints -> tiered mixed-precision MLX models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, what in STAGES:
+        p = sub.add_parser(name, help=what, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+    cache = sub.add_parser("cache", help="maintenance of the DVC cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="<cache command>")
+    verify = cache_sub.add_parser(
+        "verify",
+        help="rehash every cache object against its name; evict what is corrupt",
+        description=(
+            "Rehash every object of the DVC cache (md5) against its name. A corrupt object "
+            "(e.g. an output edited in place while hard-linked to the cache) is reported and, "
+            "unless --no-evict, deleted with every workspace file linked to it, so the next "
+            "`dvc repro` rebuilds those outputs. Exits 1 when it found something."
+        ),
+    )
+    verify.add_argument("--no-evict", action="store_true", help="report only, delete nothing")
+    compare = sub.add_parser(
+        "compare",
+        help="dvc exp show: headline metrics + tiers only",
+        description="`dvc exp show` keeping only the headline metrics (tierquant.headline) "
+        "and what experiments change (model, recipe, tiers, group size).",
+    )
+    compare.add_argument("args", nargs=argparse.REMAINDER, help="passed on to dvc exp show")
+    verify.add_argument("--repo", type=Path, default=None, help="the checkout (default: here)")
+    return parser
+
+
+def run_stage(name: str, args: list[str]) -> int:
+    """Run `python stages/<name>.py args...` in the checkout holding the current folder."""
+    from .config import project_root
+
+    root = project_root()
+    script = root / "stages" / f"{name}.py"
+    if not script.is_file():
+        raise TierquantError(f"{script}: no such stage script in this checkout")
+    return subprocess.run([sys.executable, str(script), *args], cwd=root).returncode
+
+
+def cache_verify(repo: Path | None, evict: bool) -> int:
+    """Print what `tierquant.dvccache.verify_cache` found; 1 if anything was corrupt."""
+    from .config import project_root
+    from .dvccache import verify_cache
+
+    root = Path(repo) if repo else project_root()
+    report = verify_cache(root, evict=evict)
+    for c in report.corrupt:
+        linked = ", ".join(str(p.relative_to(root)) for p in c.linked) or "no workspace file"
+        action = "evicted" if report.evicted else "corrupt"
+        print(f"error: {action} {c.path}: {c.reason} (md5 {c.actual}); linked: {linked}")
+    if report.corrupt:
+        what = "were evicted: run `dvc repro` to rebuild" if report.evicted else "are corrupt"
+        print(f"error: {len(report.corrupt)} of {report.checked} cache objects {what}")
+        return 1
+    print(f"cache ok: {report.checked} objects in {report.cache_dir} match their names")
+    return 0
+
+
+def compare(extra: list[str]) -> int:
+    """Run `dvc exp show` with tierquant.headline.compare_args() (+ `extra`)."""
+    import shutil
+
+    from .headline import compare_args
+
+    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    return subprocess.run([dvc, "exp", "show", *compare_args(), *extra]).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    try:
+        if argv and argv[0] in dict(STAGES):  # everything after the name is the stage's
+            return run_stage(argv[0], argv[1:])
+        if argv and argv[0] == "compare" and not {"-h", "--help"} & set(argv[1:]):
+            return compare(argv[1:])  # everything after it is dvc's
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command == "cache":
+            if args.cache_command != "verify":
+                parser.parse_args(["cache", "--help"])
+            return cache_verify(args.repo, evict=not args.no_evict)
+        if args.command == "compare":
+            return compare(args.args)
+        return run_stage(args.command, args.args)  # pragma: no cover (handled above)
+    except TierquantError as e:
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
