@@ -138,7 +138,14 @@ def test_card_numbers_come_from_the_metrics(run_dir: Path) -> None:
     assert f"{size['original']['bytes']:,}" in text
     assert "down_proj, gate_proj, up_proj (all 6 layers)" in text
     # quality, speed, fit and bandwidth tables
-    for needle in ("0.1235 ± 0.0032", "0.8125", "1.0476", "≤ 0.8 ✓", "≥ 0.5 ✓", "Quality gate: passed"):
+    for needle in (
+        "0.1235 ± 0.0032",
+        "0.8125",
+        "1.0476",
+        "≤ 0.8 ✓",
+        "≥ 0.5 ✓",
+        "Quality gate: passed",
+    ):
         assert needle in text, needle
     assert "| 128 | 112.5 | 111.5 | 42.2 | 33.8 |" in text  # prefill / generation medians
     assert "Test CPU, 24 GiB" in text
