@@ -202,7 +202,8 @@ def test_default_recipe_passes_and_2bit_experts_fail(reference, models, tmp_path
     with pytest.raises(TierquantError) as failed:
         run_validate(config2, model2, plan2, reference, out)
     assert re.match(
-        r"validate: kld_mean = [\d.]+ exceeds threshold [\d.]+ \(validate\.kld_mean_max\)",
+        r"validate: (kld_mean|top1_agreement) = [\d.]+ (exceeds|is below) threshold [\d.]+ "
+        r"\(validate\.(kld_mean_max|top1_min)\)",
         str(failed.value),
     )
     e2 = json.loads(out.read_text())  # written before the gate failed
