@@ -193,8 +193,8 @@ def test_queued_sweep_runs_two_experiments_in_parallel(machine_b, s3):
     for name, bits in (("experts6", 6), ("experts5", 5)):
         data = exps[name]
         assert data["params"]["params.yaml"]["data"]["tiers"]["experts"] == bits
-        validate = data["metrics"]["metrics/validate.json"]["data"]
-        assert validate["passed"] is True and validate["kld_mean"] > 0
+        quality = data["metrics"]["metrics/headline/quality.json"]["data"]
+        assert quality["passed"] is True and quality["kld_mean"] > 0
     assert exps["experts6"]["metrics"] != exps["experts5"]["metrics"]
 
 
