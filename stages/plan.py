@@ -1,7 +1,11 @@
-"""plan: data/original's config + headers and the recipe → data/plan/<tier>.json."""
+"""plan: data/original's config + headers and the recipe → data/plan/<tier>.json.
+
+recipe=auto (`recipe.allocate`): each allocation group's precision from data/measure and
+`budget` instead of rules (tierquant.autoplan)."""
 
 from pathlib import Path
 
+from tierquant.autoplan import auto_plan
 from tierquant.config import Config
 from tierquant.plan import plan
 from tierquant.stage import stage_main
@@ -9,6 +13,16 @@ from tierquant.stage import stage_main
 
 def run(config: Config) -> None:
     """Assign every tensor of the float checkpoint to one recipe tier; write the plan."""
+    if config.recipe.allocate:
+        auto_plan(
+            original=Path(config.paths.original),
+            measure_dir=Path(config.paths.measure),
+            budget=config.budget,
+            bench=config.benchmark,
+            group_size=config.quant.group_size,
+            out=Path(config.paths.plan),
+        )
+        return
     plan(
         original=Path(config.paths.original),
         recipe=config.recipe,

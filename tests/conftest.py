@@ -145,6 +145,19 @@ def copy_repo(dest: Path) -> Path:
     return copy_checkout(dest)
 
 
+def shrink_calibration(repo: Path, num_windows: int = 2, window_length: int = 32) -> None:
+    """Make a repo copy's calibration set small (conf/ + params.yaml, committed), so its
+    `measure` stage takes seconds; `dvc exp run -S` recomposes conf/ and keeps it."""
+    conf = repo / "conf" / "config.yaml"
+    head, tail = conf.read_text().split("calibration:\n", 1)
+    tail = tail.replace("num_windows: 16", f"num_windows: {num_windows}", 1)
+    tail = tail.replace("window_length: 128", f"window_length: {window_length}", 1)
+    conf.write_text(head + "calibration:\n" + tail)
+    run([PYTHON, "-m", "tierquant.config", "--write"], repo)
+    git = ["git", "-c", "user.name=tierquant", "-c", "user.email=tierquant@localhost"]
+    run([*git, "commit", "-qam", "small calibration set"], repo)
+
+
 @pytest.fixture
 def repo_copy(tmp_path) -> Path:
     return copy_repo(tmp_path / "repo")

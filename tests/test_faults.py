@@ -49,6 +49,7 @@ pytestmark = pytest.mark.faults
 FAST_PARAMS = {
     "benchmark": {"contexts": [16], "generate_tokens": 4, "trials": 1, "warmup": 0, "probe_mib": 8},
     "eval": {"num_windows": 4},
+    "calibration": {"num_windows": 2, "window_length": 32},
 }
 
 # Outputs that are measurements by nature, and outputs made from them: not compared.

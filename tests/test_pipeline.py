@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import copy_repo, run
+from tests.conftest import copy_repo, run, shrink_calibration
 
 pytestmark = pytest.mark.slow
 
@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 def reproduced(tmp_path_factory):
     """A repo copy after one full `dvc repro`."""
     repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    shrink_calibration(repo)  # measure in seconds; tests/test_measure.py checks its numbers
     proc = run(["dvc", "repro"], repo)
     return repo, proc
 

@@ -90,6 +90,9 @@ class PathsConfig:
     card: str = "data/card"  # holds README.md
     headline: str = "metrics/headline"  # the DVC metrics: quality.json, model.json, original.json
     publish: str = "data/publish.json"
+    measure: str = "data/measure"  # damage per allocation group x precision (measure stage)
+    measure_plot: str = "metrics/measure_damage.csv"  # the same, for the dvc plots heatmap
+    pareto: str = "metrics/pareto.json"  # this run's (bpw, kld_mean, top-1) for the sweep plot
 
 
 @dataclass
@@ -112,6 +115,54 @@ class EvalConfig:
     window_length: int = 128
     batch_size: int = 4
     top_k: int = 64
+
+
+@dataclass
+class CalibrationConfig:
+    """The calibration set the `measure` stage computes damage on (tierquant.calibration).
+
+    Fields as `eval:`. When it reads the same text as the eval set, its windows are
+    placed between the eval windows, so no token position is in both (checked).
+    """
+
+    source: str = "text"  # "text" or "hub"
+    path: str | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+    files: str | None = None
+    text_column: str = "text"
+    num_windows: int = 16
+    window_length: int = 128
+    batch_size: int = 4
+
+
+@dataclass
+class MeasureConfig:
+    """Candidate precisions the `measure` stage scores for each allocation group:
+    affine bits (at quant.group_size) and `mxfp4` (expert groups only)."""
+
+    candidates: list[Any] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8, "mxfp4"])
+
+
+@dataclass
+class FitBudgetConfig:
+    """`budget.fit`: the weights may take what the fit table's memory model leaves free
+    on a Mac of `memory_gib` with a `context`-token KV cache (tierquant.budget)."""
+
+    memory_gib: float | None = None
+    context: int | None = None
+    wired_limit: str = "raised"  # "default" or "raised" (see tierquant.footprint.fit_table)
+
+
+@dataclass
+class BudgetConfig:
+    """The size budget of `recipe=auto` (tierquant.budget): exactly one of
+    `bits_per_weight`, `gib` (weights) or `fit.memory_gib` (+ `fit.context`)."""
+
+    bits_per_weight: float | None = None
+    gib: float | None = None
+    fit: FitBudgetConfig = field(default_factory=FitBudgetConfig)
+    router: str = "bf16"  # the router is not allocated: bf16 or 8 (gpt-oss's own 8-bit)
 
 
 @dataclass
@@ -184,6 +235,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
@@ -220,6 +274,7 @@ def _first_line(e: Exception) -> str:
 
 def _check_semantics(config: Config) -> None:
     _check_eval(config.eval)
+    _check_eval(config.calibration, "calibration")
     _check_benchmark(config.benchmark)
     _check_validate(config.validate)
     _check_model_sizes(config.model)
@@ -281,20 +336,22 @@ def _check_model_sizes(model: ModelConfig) -> None:
                 _check_range(f"model.synthetic.{key}", value, 1)
 
 
-def _check_eval(ev: EvalConfig) -> None:
+def _check_eval(ev: EvalConfig | CalibrationConfig, section: str = "eval") -> None:
     if ev.source == "hub":
         if not ev.repo_id or not ev.files:
             raise TierquantError(
-                "params: eval.source is 'hub': set eval.repo_id and eval.files "
-                "(a file or glob in the dataset repo)"
+                f"params: {section}.source is 'hub': set {section}.repo_id and "
+                f"{section}.files (a file or glob in the dataset repo)"
             )
     elif ev.source != "text":
-        raise TierquantError(f"params: eval.source must be 'text' or 'hub', got {ev.source!r}")
+        raise TierquantError(f"params: {section}.source must be 'text' or 'hub', got {ev.source!r}")
     for key in ("num_windows", "window_length", "batch_size", "top_k"):
-        if getattr(ev, key) < 1:
-            raise TierquantError(f"params: eval.{key} must be >= 1, got {getattr(ev, key)}")
+        if hasattr(ev, key) and getattr(ev, key) < 1:
+            raise TierquantError(f"params: {section}.{key} must be >= 1, got {getattr(ev, key)}")
     if ev.window_length < 2:
-        raise TierquantError("params: eval.window_length must be >= 2 (one prediction per token)")
+        raise TierquantError(
+            f"params: {section}.window_length must be >= 2 (one prediction per token)"
+        )
 
 
 def _check_benchmark(b: BenchmarkConfig) -> None:

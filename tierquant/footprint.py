@@ -20,6 +20,7 @@ directory, or shapes with no data at all):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
@@ -114,6 +115,28 @@ def gpu_limit_gib(memory_gib: float, cfg: BenchmarkConfig) -> float:
     return memory_gib * (cfg.gpu_fraction_small if small else cfg.gpu_fraction)
 
 
+WIRED_LIMITS = ("default", "raised")
+
+
+def wired_limit_gib(memory_gib: float, cfg: BenchmarkConfig, rule: str) -> float:
+    """GiB the GPU may use: `default` (macOS's own limit, gpu_limit_gib) or `raised`
+    (`sudo sysctl iogpu.wired_limit_mb=N`: all but `os_reserve_gib`)."""
+    if rule == "default":
+        return gpu_limit_gib(memory_gib, cfg)
+    if rule == "raised":
+        return memory_gib - cfg.os_reserve_gib
+    raise ValueError(f"wired limit rule must be one of {WIRED_LIMITS}, got {rule!r}")
+
+
+def max_weight_bytes(
+    memory_gib: float, context: int, shape: GptOssShape, cfg: BenchmarkConfig, rule: str
+) -> int:
+    """The most weight bytes that still fit with a `context`-token KV cache (the fit
+    table's rule, solved for the weights): limit - overhead - KV cache, floored."""
+    limit = wired_limit_gib(memory_gib, cfg, rule) - cfg.overhead_gib
+    return math.floor(limit * GIB) - kv_cache_bytes(shape, context)
+
+
 def fit_rule(cfg: BenchmarkConfig) -> str:
     """The fit rule in words, for the metrics and the card."""
     return (
@@ -134,10 +157,8 @@ def fit_table(
     sizes: dict[str, Any] = {}
     for memory in cfg.memory_gib:
         row: dict[str, Any] = {"memory_gib": memory}
-        for label, limit in (
-            ("default", gpu_limit_gib(memory, cfg)),
-            ("raised", memory - cfg.os_reserve_gib),
-        ):
+        for label in WIRED_LIMITS:
+            limit = wired_limit_gib(memory, cfg, label)
             context = max_context(shape, limit * GIB - need, max_positions)
             row[f"gpu_limit_gib_{label}"] = round(limit, 2)
             row[f"fits_{label}"] = context > 0

@@ -24,6 +24,8 @@ from .recipe import RecipeConfig, assign, check_recipe, typed_rules
 
 log = logging.getLogger(__name__)
 
+ALLOCATION = "auto/allocation.json"  # recipe=auto's allocation report, in the plan dir
+
 PLAN_FORMAT = 1
 
 
@@ -69,9 +71,25 @@ def plan(*, original: Path, recipe: RecipeConfig, out: Path) -> dict[str, list[W
     ckpt.close()
     shape = GptOssShape.from_config(read_json(original / "config.json"))
     tiers = plan_tiers(shape, recipe)
+    write_plan(Path(out), tiers)
+    log_plan(tiers)
+    log.info("wrote %s: recipe %r, %d tiers", out, recipe.name, len(tiers))
+    return tiers
+
+
+def write_plan(
+    out: Path, tiers: dict[str, list[Weight]], extra: dict[str, bytes] | None = None
+) -> None:
+    """`out/<tier>.json` per tier (+ `extra` files by relative path), atomically."""
     with atomic_output(Path(out)) as tmp:
         for tier, weights in tiers.items():
             (tmp / f"{tier}.json").write_bytes(json_bytes(tier_plan(tier, weights)))
+        for rel, data in (extra or {}).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+
+
+def log_plan(tiers: dict[str, list[Weight]]) -> None:
     total = sum(w.numel for ws in tiers.values() for w in ws)
     for tier, weights in tiers.items():
         numel = sum(w.numel for w in weights)
@@ -82,8 +100,12 @@ def plan(*, original: Path, recipe: RecipeConfig, out: Path) -> dict[str, list[W
             numel,
             100 * numel / total,
         )
-    log.info("wrote %s: recipe %r, %d tiers", out, recipe.name, len(tiers))
-    return tiers
+
+
+def read_allocation(plan_dir: Path) -> dict[str, Any] | None:
+    """The allocation report of a recipe=auto plan, or None for a hand recipe's plan."""
+    path = Path(plan_dir) / ALLOCATION
+    return read_json(path) if path.is_file() else None
 
 
 def read_plan(plan_dir: Path, tier: str) -> dict[str, Any]:

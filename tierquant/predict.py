@@ -19,12 +19,13 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from .allocate import check_auto_tiers
 from .checkpoint import Checkpoint
 from .errors import TierquantError
 from .files import atomic_output, json_bytes
-from .plan import plan_tier_names, read_plan
+from .plan import plan_tier_names, read_allocation, read_plan
 from .precision import Precision, check_quantizable, parse_tiers
-from .size import format_table, size_report
+from .size import GIB, format_table, size_report
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ def predict(
                 f"params: recipe tier {tier!r} has no precision: add tiers.{tier} "
                 f"(e.g. `+tiers.{tier}=4` on the command line)"
             )
+    allocation = read_allocation(plan_dir)
+    if allocation is not None:
+        check_auto_tiers(precisions, group_size)
     sizes = {t: tier_size(t, read_plan(plan_dir, t), p) for t, p in precisions.items()}
     with Checkpoint(Path(original)) as ckpt:
         original_bytes = ckpt.nbytes
@@ -71,8 +75,32 @@ def predict(
         {t: (precisions[t].label, n, bits / 8) for t, (n, bits) in sizes.items()},
         original_bytes,
     )
+    if allocation is not None:
+        total_bits = sum((bits for _, bits in sizes.values()), Fraction(0))
+        report["budget"] = budget_report(allocation, total_bits)
     with atomic_output(Path(out), is_dir=False) as tmp:
         tmp.write_bytes(json_bytes(report))
     for line in format_table(report):
         log.info("%s", line)
     return report
+
+
+def budget_report(allocation: dict[str, Any], total_bits: Fraction) -> dict[str, Any]:
+    """recipe=auto: the budget the plan allocated to, this prediction's slack under it, and
+    the plan's predicted damage (the sum of the chosen groups' measured damage)."""
+    total = total_bits / 8
+    if total != allocation["total_bytes"]:
+        raise TierquantError(
+            f"the plan's allocation totals {allocation['total_bytes']} bytes but the tiers "
+            f"come to {total}; rerun the plan stage"
+        )
+    budget = allocation["budget"]
+    slack = budget["max_bytes"] - int(total)
+    return {
+        **{k: v for k, v in budget.items() if k not in ("max_bytes", "min_bytes")},
+        "max_bytes": budget["max_bytes"],
+        "max_gib": round(budget["max_bytes"] / GIB, 3),
+        "slack_bytes": slack,
+        "slack_gib": round(slack / GIB, 4),
+        "predicted_damage": allocation["predicted_damage"],
+    }

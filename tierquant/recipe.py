@@ -71,6 +71,9 @@ class RecipeConfig:
     # tier -> rules; typed into RuleConfig by `typed_rules` at load (OmegaConf does not
     # type dataclasses inside a list inside a dict).
     tiers: dict[str, list[RuleConfig]] = field(default_factory=dict)
+    # true (recipe=auto): no rules; plan gives each allocation group the precision
+    # that data/measure + `budget` choose (tierquant.allocate), tiers keyed by precision
+    allocate: bool = False
 
 
 # --- recipe validation -------------------------------------------------------------------
@@ -175,6 +178,11 @@ def check_recipe(recipe: RecipeConfig) -> None:
     """Validate a recipe that has gone through `typed_rules` (at config load)."""
     if not recipe.name:
         raise TierquantError("params: recipe.name must not be empty")
+    if recipe.allocate and recipe.tiers:
+        raise TierquantError(
+            "params: recipe.allocate is true (recipe=auto): the plan allocates from "
+            "data/measure and `budget`, so recipe.tiers must be empty"
+        )
     parse_fraction(recipe.edge_layers)
     for tier, rules in recipe.tiers.items():
         for i, rule in enumerate(rules):

@@ -36,7 +36,7 @@ def size_report(
             "params": params,
             "bytes": _bytes(nbytes),
             "gib": round(float(nbytes) / GIB, 3),
-            "bits_per_weight": round(float(8 * nbytes / params), 6),
+            "bits_per_weight": round(float(8 * nbytes / params), 6) if params else 0.0,
         }
 
     return {
@@ -81,4 +81,11 @@ def format_table(report: Mapping[str, Any]) -> list[str]:
         f"{'original':<12} {'checkpoint':<11} {'':>16} {'':>7} {o['bytes']:>16,} "
         f"{o['gib']:>8.3f} {o['bits_per_weight']:>7.3f}"
     )
+    if "budget" in report:
+        b = report["budget"]
+        asked = {k: v for k, v in b.items() if k in ("bits_per_weight", "gib", "fit")}
+        lines.append(
+            f"budget {asked}: at most {b['max_bytes']:,} bytes ({b['max_gib']:.3f} GiB), "
+            f"slack {b['slack_bytes']:,} bytes; predicted damage {b['predicted_damage']:.4g}"
+        )
     return lines

@@ -41,7 +41,7 @@ API (also for callers that measure damage layer by layer, e.g. a `measure` stage
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,11 @@ from .checkpoint import Checkpoint
 from .errors import TierquantError
 
 log = logging.getLogger(__name__)
+
+# (parameter name, rows of it) -> rows to use instead: how a caller fake-quantizes the
+# row-read tables (embedding, head); quantization groups run along a row, so a slice of
+# rows quantizes exactly as the whole table would.
+RowTransform = Callable[[str, Any], Any]
 
 # One vocab slice: its float32 logits for every token plus its head rows (the bf16 read
 # and a float32 copy) stay under this many bytes.
@@ -141,8 +146,9 @@ class StreamedModel:
 
     # --- forward --------------------------------------------------------------------------
 
-    def embed(self, tokens: np.ndarray):
-        """Embeddings of `tokens` [N, L] (reads only the rows of the ids present)."""
+    def embed(self, tokens: np.ndarray, *, row_transform: RowTransform | None = None):
+        """Embeddings of `tokens` [N, L] (reads only the rows of the ids present).
+        `row_transform(name, rows)` may replace the rows read (e.g. fake-quantized)."""
         import mlx.core as mx
 
         ids = np.asarray(tokens)
@@ -151,6 +157,8 @@ class StreamedModel:
             raise TierquantError(f"token id out of range 0..{self.vocab_size - 1}")
         module = self.model.model.embed_tokens
         rows = self._rows("model.embed_tokens", module, unique)
+        if row_transform is not None:
+            rows = {k: row_transform(k, v) for k, v in rows.items()}
         held = self._swap(module, "model.embed_tokens.", rows, row_subset=True)
         try:
             h = module(mx.array(inverse.reshape(ids.shape).astype(np.int32)))
@@ -231,10 +239,17 @@ class StreamedModel:
             log.debug("layer %d done", i)
         return h
 
-    def logit_chunks(self, hidden, *, vocab_chunk: int | None = None) -> Iterator[tuple[int, Any]]:
+    def logit_chunks(
+        self,
+        hidden,
+        *,
+        vocab_chunk: int | None = None,
+        row_transform: RowTransform | None = None,
+    ) -> Iterator[tuple[int, Any]]:
         """Final norm + lm_head over `hidden` [..., D] flattened to T tokens, yielding
         (first vocab id, float32 logits [T, C]) for consecutive slices of the vocabulary;
-        only one slice of the head's rows is read and resident at a time."""
+        only one slice of the head's rows is read and resident at a time.
+        `row_transform(name, rows)` may replace each slice of the head's rows."""
         import mlx.core as mx
 
         x = self.model.model.norm(hidden.reshape(-1, hidden.shape[-1]))
@@ -245,6 +260,8 @@ class StreamedModel:
         for start in range(0, self.vocab_size, vocab_chunk):
             stop = min(start + vocab_chunk, self.vocab_size)
             rows = self._rows("lm_head", head, slice(start, stop))
+            if row_transform is not None:
+                rows = {k: row_transform(k, v) for k, v in rows.items()}
             held = self._swap(head, "lm_head.", rows, row_subset=True)
             try:
                 logits = head(x).astype(mx.float32)

@@ -97,7 +97,7 @@ def validate_model(
 ) -> dict[str, Any]:
     """Structural checks + quality vs the reference; write metrics, then gate.
 
-    `tiers` maps tier -> tierquant.recipe.Precision. Metrics are written before a
+    `tiers` maps tier -> tierquant.precision.Precision. Metrics are written before a
     structure, integrity or gate failure is raised, so a failed run can be inspected
     (when the model cannot be evaluated at all, e.g. the reference is missing, nothing is
     written). Raises TierquantError listing every failure, one per line (`validate:

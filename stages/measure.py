@@ -1,0 +1,27 @@
+"""measure: damage of each allocation group at each candidate precision → data/measure."""
+
+from pathlib import Path
+
+from tierquant.config import Config
+from tierquant.measure import measure
+from tierquant.stage import stage_main
+
+
+def measure_stage(config: Config) -> None:
+    """Stream the float checkpoint (paths.float) over the calibration set (calibration.*,
+    kept off the eval windows, eval.*) and score every group at measure.candidates
+    (quant.group_size) → paths.measure, and paths.measure_plot (the heatmap's CSV)."""
+    measure(
+        float_dir=Path(config.paths.float),
+        original=Path(config.paths.original),
+        calibration=config.calibration,
+        eval_config=config.eval,
+        candidates=list(config.measure.candidates),
+        group_size=config.quant.group_size,
+        out=Path(config.paths.measure),
+        plot=Path(config.paths.measure_plot),
+    )
+
+
+if __name__ == "__main__":
+    stage_main(measure_stage)()

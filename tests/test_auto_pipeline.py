@@ -1,0 +1,55 @@
+"""recipe=auto under DVC: a budget change reruns plan and only the precision tiers whose
+tensors moved, never measure, convert or reference (a real `dvc exp run`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from tests.conftest import copy_repo, run, shrink_calibration
+from tests.test_pipeline import _ran
+
+pytestmark = pytest.mark.slow
+
+
+def _plan_hashes(repo) -> dict[str, str]:
+    return {
+        p.stem: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((repo / "data" / "plan").glob("*.json"))
+    }
+
+
+def test_budget_change_reruns_only_plan_and_moved_tiers(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    shrink_calibration(repo)  # a small calibration set keeps the test lean
+
+    targets = ["predict", "assemble", "reference"]  # not validate: the gate stops 3.3
+    first = run(
+        ["dvc", "exp", "run", "-S", "recipe=auto", "-S", "budget.bits_per_weight=4.0", *targets],
+        repo,
+    )
+    assert {"measure", "plan", "reference", "quantize@q3", "assemble"} <= _ran(first.stdout)
+    before = _plan_hashes(repo)
+    allocation = json.loads((repo / "data/plan/auto/allocation.json").read_text())
+    assert 3.99 <= allocation["bits_per_weight"] <= 4.0
+    predicted = json.loads((repo / "metrics/predicted_size.json").read_text())
+    assert predicted["budget"]["slack_bytes"] >= 0
+    size = json.loads((repo / "metrics/size.json").read_text())
+    assert size["total"]["bytes"] == predicted["total"]["bytes"] == allocation["total_bytes"]
+
+    second = run(
+        ["dvc", "exp", "run", "-S", "recipe=auto", "-S", "budget.bits_per_weight=3.3", *targets],
+        repo,
+    )
+    ran = _ran(second.stdout)
+    after = _plan_hashes(repo)
+    moved = {t for t in after if after[t] != before.get(t)}
+    assert moved, "a lower budget must move some group to another precision"
+    assert {"plan", "predict", "assemble"} <= ran
+    assert "Stage 'reference' didn't change, skipping" in second.stdout
+    assert not ran & {"download", "convert", "measure", "reference"}, ran
+    assert {s.split("@", 1)[1] for s in ran if s.startswith("quantize@")} == moved
+    allocation = json.loads((repo / "data/plan/auto/allocation.json").read_text())
+    assert 3.29 <= allocation["bits_per_weight"] <= 3.3
