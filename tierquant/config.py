@@ -96,13 +96,12 @@ class PathsConfig:
 
 
 @dataclass
-class EvalConfig:
-    """The eval set: text -> tokens -> `num_windows` windows of `window_length` tokens.
+class TextSetConfig:
+    """A set of token windows: text -> tokens -> `num_windows` windows of `window_length`.
 
     `source: text` reads `path` (null: the bundled tierquant/assets/corpus.txt);
     `source: hub` fetches `files` (a path or glob in the dataset repo: .txt, .json,
     .jsonl) of dataset `repo_id`@`revision`, joining `text_column` of each record.
-    `top_k` reference log-probs per token are stored (see tierquant.evaluate).
     """
 
     source: str = "text"  # "text" or "hub"
@@ -114,26 +113,22 @@ class EvalConfig:
     num_windows: int = 16
     window_length: int = 128
     batch_size: int = 4
+
+
+@dataclass
+class EvalConfig(TextSetConfig):
+    """The eval set (TextSetConfig's fields); `top_k` reference log-probs per token are
+    stored (see tierquant.evaluate)."""
+
     top_k: int = 64
 
 
 @dataclass
-class CalibrationConfig:
-    """The calibration set the `measure` stage computes damage on (tierquant.calibration).
-
-    Fields as `eval:`. When it reads the same text as the eval set, its windows are
+class CalibrationConfig(TextSetConfig):
+    """The calibration set the `measure` stage computes damage on (tierquant.calibration):
+    TextSetConfig's fields. When it reads the same text as the eval set, its windows are
     placed between the eval windows, so no token position is in both (checked).
     """
-
-    source: str = "text"  # "text" or "hub"
-    path: str | None = None
-    repo_id: str | None = None
-    revision: str | None = None
-    files: str | None = None
-    text_column: str = "text"
-    num_windows: int = 16
-    window_length: int = 128
-    batch_size: int = 4
 
 
 @dataclass
@@ -336,7 +331,7 @@ def _check_model_sizes(model: ModelConfig) -> None:
                 _check_range(f"model.synthetic.{key}", value, 1)
 
 
-def _check_eval(ev: EvalConfig | CalibrationConfig, section: str = "eval") -> None:
+def _check_eval(ev: TextSetConfig, section: str = "eval") -> None:
     if ev.source == "hub":
         if not ev.repo_id or not ev.files:
             raise TierquantError(
