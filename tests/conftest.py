@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,10 +149,10 @@ def copy_repo(dest: Path) -> Path:
 def shrink_calibration(repo: Path, num_windows: int = 2, window_length: int = 32) -> None:
     """Make a repo copy's calibration set small (conf/ + params.yaml, committed), so its
     `measure` stage takes seconds; `dvc exp run -S` recomposes conf/ and keeps it."""
-    conf = repo / "conf" / "config.yaml"
+    conf = repo / "conf" / "quality" / "tiny.yaml"  # the tiny model's calibration set
     head, tail = conf.read_text().split("calibration:\n", 1)
-    tail = tail.replace("num_windows: 16", f"num_windows: {num_windows}", 1)
-    tail = tail.replace("window_length: 128", f"window_length: {window_length}", 1)
+    tail = re.sub(r"num_windows: \d+", f"num_windows: {num_windows}", tail, count=1)
+    tail = re.sub(r"window_length: \d+", f"window_length: {window_length}", tail, count=1)
     conf.write_text(head + "calibration:\n" + tail)
     run([PYTHON, "-m", "tierquant.config", "--write"], repo)
     git = ["git", "-c", "user.name=tierquant", "-c", "user.email=tierquant@localhost"]
