@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import sys
 import time
 from pathlib import Path
@@ -100,27 +101,37 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("bench/out/allocation"))
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = validate(compose(args.overrides))
     root = args.work
     if not (root / "float").is_dir():
         (root / "original").mkdir(parents=True, exist_ok=True)
         write_synthetic_checkpoint(root / "original", cfg.model.synthetic)
-        convert_checkpoint(root / "original", root / "float", max_shard_bytes=2_000_000)
+        convert_checkpoint(
+            root / "original", root / "float", max_shard_bytes=cfg.model.max_shard_bytes
+        )
     if not (root / "reference").is_dir():
         build_reference(original=root / "original", out=root / "reference", eval_config=cfg.eval)
     t = time.perf_counter()
-    measure(
-        float_dir=root / "float",
-        original=root / "original",
-        calibration=cfg.calibration,
-        eval_config=cfg.eval,
-        candidates=list(cfg.measure.candidates),
-        group_size=cfg.quant.group_size,
-        out=root / "measure",
-        plot=root / "measure_damage.csv",
-    )
-    print(f"measure: {time.perf_counter() - t:.0f} s", flush=True)
+    if (root / "measure" / "damage.json").is_file():  # a rerun: measure's inputs unchanged
+        print("measure: reused", root / "measure", flush=True)
+    else:
+        measure(
+            float_dir=root / "float",
+            original=root / "original",
+            calibration=cfg.calibration,
+            eval_config=cfg.eval,
+            candidates=list(cfg.measure.candidates),
+            group_size=cfg.quant.group_size,
+            out=root / "measure",
+            plot=root / "measure_damage.csv",
+        )
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(
+            f"measure: {time.perf_counter() - t:.0f} s "
+            f"(process peak RSS so far {peak / 1e9:.2f} GB)",
+            flush=True,
+        )
     rows = []
     for name, ov in HAND.items():
         hand = build(root, root, [*args.overrides, *ov], name)

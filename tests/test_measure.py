@@ -1,6 +1,8 @@
 """The measure stage's damage against an independent oracle: where the head-projected
 measure is exact (the last layer's groups, lm_head), it equals the end-to-end KL of the
-whole model (stock mlx-lm load) with that group fake-quantized."""
+whole model (stock mlx-lm load of the original) against the float model with that
+group quantized by mlx-lm's own `nn.quantize` (fake-quantized for lm_head, whose
+module measure fake-quantizes)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,13 @@ def measured(tiny_original, tiny_float):
     return (
         tokens,
         cands,
-        measure_damage(float_dir=tiny_float, tokens=tokens, candidates=cands, batch_size=2),
+        measure_damage(
+            original_dir=tiny_original,
+            float_dir=tiny_float,
+            tokens=tokens,
+            candidates=cands,
+            batch_size=2,
+        ),
     )
 
 
@@ -36,30 +44,43 @@ def _kl_mean(p_logits, q_logits) -> float:
     return float(np.mean(np.array(kl, dtype=np.float64)))
 
 
-def _end_to_end(float_dir, tokens, names, precision) -> float:
-    """Mean KL of the whole float model with `names` fake-quantized, vs unquantized."""
+def _end_to_end(original_dir, float_dir, tokens, names, precision) -> float:
+    """Mean KL of the whole model with the modules of `names` quantized, vs the original."""
     import mlx.core as mx
+    import mlx.nn as nn
     from mlx.utils import tree_flatten
+    from mlx_lm import load
 
+    from tierquant.checkpoint import Checkpoint
     from tierquant.measure import fake_quantize
     from tierquant.oracle import load_whole, whole_logits
 
-    model = load_whole(float_dir)
-    ref = whole_logits(model, tokens, 2)
-    params = dict(tree_flatten(model.parameters()))
-    from tierquant.checkpoint import Checkpoint
-
-    with Checkpoint(float_dir) as ckpt:  # the stored bf16 weights, as quantize reads them
-        updates = []
-        for n in names:
-            raw = mx.array(ckpt.read_rows(n, 0, ckpt.info(n).shape[0])).view(mx.bfloat16)
-            updates.append((n, fake_quantize(raw, precision).astype(params[n].dtype)))
-    model.load_weights(updates, strict=False)
+    ref = whole_logits(load_whole(original_dir), tokens, 2)
+    model, _ = load(str(float_dir))  # bf16, as the quantize stage reads it
+    modules = {n.rsplit(".", 1)[0] for n in names}
+    if "lm_head" in modules:  # the head is a row table to measure: fake-quantized
+        params = dict(tree_flatten(model.parameters()))
+        with Checkpoint(float_dir) as ckpt:
+            raw = mx.array(
+                ckpt.read_rows("lm_head.weight", 0, ckpt.info("lm_head.weight").shape[0])
+            )
+            q = fake_quantize(raw.view(mx.bfloat16), precision).astype(
+                params["lm_head.weight"].dtype
+            )
+        model.load_weights([("lm_head.weight", q)], strict=False)
+    else:
+        nn.quantize(
+            model,
+            group_size=precision.group_size,
+            bits=precision.bits,
+            class_predicate=lambda path, _m: path in modules,
+        )
+    model.set_dtype(mx.float32)
     return _kl_mean(ref, whole_logits(model, tokens, 2))
 
 
 @pytest.mark.parametrize("group", ["layers.5.experts_down", "layers.5.attn_vo", "lm_head"])
-def test_exact_where_the_projection_is_exact(measured, tiny_float, group):
+def test_exact_where_the_projection_is_exact(measured, tiny_original, tiny_float, group):
     from tierquant.allocate import allocation_groups
     from tierquant.gptoss import shape_of_checkpoint
 
@@ -67,7 +88,8 @@ def test_exact_where_the_projection_is_exact(measured, tiny_float, group):
     groups = {g.name: g for g in allocation_groups(shape_of_checkpoint(tiny_float))[0]}
     assert group in groups
     p3 = next(p for p in cands if p.mode == "affine" and p.bits == 3)
-    want = _end_to_end(tiny_float, tokens, [w.name for w in groups[group].weights], p3)
+    names = [w.name for w in groups[group].weights]
+    want = _end_to_end(tiny_original, tiny_float, tokens, names, p3)
     assert damage[group][p3.label] == pytest.approx(want, rel=2e-3, abs=1e-6)
 
 
@@ -81,3 +103,31 @@ def test_damage_shape_and_order(measured):
             assert d["mxfp4"] == 0.0
         else:
             assert "mxfp4" not in d
+
+
+@pytest.mark.parametrize("kind", ["experts.gate_proj", "experts.down_proj", "self_attn.q_proj"])
+def test_candidate_modules_hold_the_quantize_stages_bytes(tiny_original, tiny_float, kind):
+    """measure quantizes the original's resident weights (mxfp4 experts dequantized); the
+    quantize stage reads the float checkpoint: the bytes must be the same."""
+    import mlx.core as mx
+
+    from tierquant.affine import quantize_tensor
+    from tierquant.checkpoint import Checkpoint
+    from tierquant.gptoss import mlx_weights, shape_of_checkpoint
+    from tierquant.measure import quantized_module
+    from tierquant.precision import parse_precision
+    from tierquant.stream import StreamedModel
+
+    layer = 1
+    weight = next(
+        w
+        for w in mlx_weights(shape_of_checkpoint(tiny_float))
+        if w.layer == layer and w.name.endswith(f"{kind}.weight")
+    )
+    p = parse_precision(3, "tiers.t")
+    with StreamedModel(tiny_original, compute_dtype="float32") as sm, Checkpoint(tiny_float) as f:
+        module = quantized_module(sm.layer_weights(layer), weight, p)
+        want = quantize_tensor(f, weight.name, p)
+    for key, arr in zip(("weight", "scales", "biases"), want, strict=True):
+        assert mx.array_equal(module[key], arr).item(), key
+    assert module.bits == 3 and "bias" in module

@@ -22,11 +22,16 @@ measured kld_mean. Cost: two reference forwards plus one layer run and one head 
 forwards — with one layer's weights resident (tierquant.stream), the calibration set's
 h_i, h_{i+1} and h_L carried.
 
-Quantization is fake (quantize then dequantize with `mx.quantize`/`mx.dequantize` at
-the candidate's bits and `quant.group_size`, on the float checkpoint's bf16 weights:
-the bytes the quantize stage would write). `mxfp4` for the experts keeps the original's
-MXFP4 values, which the float checkpoint holds exactly (convert is lossless), so its
-damage is exactly 0 and is not computed; `bf16` likewise.
+Every forward runs on the original checkpoint (experts in mxfp4, as the reference stage
+runs it), so one layer costs what a reference layer costs, not a bf16 expert stack cast
+to float32. A decoder group at a candidate is its modules swapped for mlx-lm's own
+`QuantizedLinear` / `QuantizedSwitchLinear` holding exactly the bytes the quantize stage
+would write (`quantized_module`: the layer's resident weights, mxfp4 experts dequantized
+exactly, quantized slice by slice as the quantize stage does), run by the same
+quantized kernels validate runs the model with. The row-read tables (embedding, head)
+are fake-quantized (quantize then dequantize, the same values). `mxfp4` for the experts
+is the original's bytes, so its damage is exactly 0 and is not computed; `bf16`
+likewise.
 """
 
 from __future__ import annotations
@@ -118,14 +123,16 @@ class HeadKL:
 
 def measure_damage(
     *,
+    original_dir: Path,
     float_dir: Path,
     tokens: np.ndarray,
     candidates: Sequence[Any],
     batch_size: int,
     vocab_chunk: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Group name → {precision label: damage} for the float checkpoint in `float_dir` on
-    `tokens` [N, L] (module docstring). `candidates`: tierquant.precision.Precision."""
+    """Group name → {precision label: damage} on `tokens` [N, L] (module docstring), run
+    on the original checkpoint `original_dir`; `float_dir` gives the groups' tensors (the
+    float checkpoint's names and shapes). `candidates`: tierquant.precision.Precision."""
     import mlx.core as mx
 
     from .allocate import allocation_groups
@@ -142,7 +149,7 @@ def measure_damage(
         zero = {p.label: 0.0 for p in candidates if p == BF16 or p.mode == "mxfp4"}
         return {k: v for k, v in zero.items() if g.allows(_by_label(candidates, k))}
 
-    with StreamedModel(float_dir, compute_dtype=compute_dtype()) as sm:
+    with StreamedModel(original_dir, compute_dtype=compute_dtype()) as sm:
         h0 = sm.embed(tokens)
         h = h0
         for i in range(sm.num_layers):
@@ -170,16 +177,33 @@ def measure_damage(
         h = h0
         del h0
         for i in range(sm.num_layers):
-            ref_out = sm.run_layer(i, h, batch_size=batch_size)
-            weights = None
+            # read once per layer, not once per candidate run (~25 runs a layer)
+            weights = sm.layer_weights(i)
+            ref_out = sm.run_layer(i, h, batch_size=batch_size, weights=weights)
             for g in (x for x in groups if x.layer == i):
-                weights = weights or sm.layer_weights(i)
+                # An expert group's own arrays are the layer's largest and its candidate
+                # runs replace them: not resident meanwhile, each candidate quantizes a
+                # fresh read (the original's mxfp4 bytes, a quarter of the bf16's).
+                own = [k for k in weights if k.rsplit(".", 1)[0] in {w.module for w in g.weights}]
+                if g.is_experts:
+                    for k in own:
+                        del weights[k]
+                    mx.clear_cache()
                 pairs = []
                 for p in affine:
-                    over = {w.name: fake_quantize(weights[w.name], p) for w in g.weights}
-                    y = sm.run_layer(i, h, batch_size=batch_size, weight_overrides=over)
-                    del over
+                    source = sm.layer_weights(i) if g.is_experts else weights
+                    modules = {w.module: quantized_module(source, w, p) for w in g.weights}
+                    del source
+                    mx.clear_cache()
+                    y = sm.run_layer(
+                        i, h, batch_size=batch_size, weights=weights, module_overrides=modules
+                    )
+                    del modules
                     pairs.append((p.label, y - ref_out))
+                if g.is_experts:  # back, to be read once more by the next group's first run
+                    fresh = sm.layer_weights(i)
+                    weights.update({k: fresh[k] for k in own})
+                    del fresh
                 out[g.name] = {**deltas_to_kl(pairs), **free(g)}
                 del pairs
                 log.info("measured %s", g.name)
@@ -196,6 +220,49 @@ def measure_damage(
         out[g.name].update(free(g))
         log.info("measured %s", g.name)
     return {g.name: out[g.name] for g in groups}
+
+
+def quantized_module(weights: dict[str, Any], weight, precision):
+    """mlx-lm's quantized module for `weight` (a tierquant.gptoss.Weight) at an affine
+    `precision`, from the original's parameters `weights` (`StreamedModel.layer_weights`,
+    held by the caller): the bytes the quantize stage writes. Quantize reads the float
+    checkpoint's bf16; here a bf16 matrix is the same array, and an mxfp4 expert stack is
+    decoded slice by slice by convert's own decoder, which gives exactly the float
+    checkpoint's bits, so nothing is read from disk. The module's bias is kept."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    from .affine import quantize_rows
+    from .mxfp4 import GROUP_SIZE, dequantize_to_bf16_bits
+
+    stored = weights[f"{weight.module}.weight"]
+    scales = weights.get(f"{weight.module}.scales")
+    if scales is None:
+
+        def rows(start: int, stop: int):
+            return stored[start:stop]
+    else:
+
+        def rows(start: int, stop: int):  # convert's decoder: the float checkpoint's bits
+            blocks = np.array(stored[start:stop]).view(np.uint8)
+            blocks = blocks.reshape(*blocks.shape[:-1], -1, GROUP_SIZE // 2)
+            bits = dequantize_to_bf16_bits(blocks, np.array(scales[start:stop]), name=weight.name)
+            return mx.array(bits).view(mx.bfloat16)
+
+    wq, q_scales, q_biases = quantize_rows(rows, weight.shape, precision)
+    bias = weights.get(f"{weight.module}.bias")
+    *experts, out_dims, in_dims = weight.shape
+    kw = {"group_size": precision.group_size, "bits": precision.bits, "mode": "affine"}
+    if experts:
+        module = QuantizedSwitchLinear(in_dims, out_dims, experts[0], bias is not None, **kw)
+    else:
+        module = nn.QuantizedLinear(in_dims, out_dims, bias is not None, **kw)
+    params = {"weight": wq, "scales": q_scales, "biases": q_biases}
+    if bias is not None:
+        params["bias"] = bias
+    module.update(params)
+    return module
 
 
 def _by_label(candidates, label):
@@ -244,6 +311,7 @@ def measure(
     log.info("calibration set: %d windows × %d tokens", *tokens.shape)
     mx.reset_peak_memory()
     damage = measure_damage(
+        original_dir=Path(original),
         float_dir=Path(float_dir),
         tokens=tokens,
         candidates=precisions,
