@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -86,6 +87,8 @@ def build(root: Path, work: Path, overrides: list[str], name: str) -> dict:
         thresholds=ValidateConfig(),
         metrics_path=d / "validate.json",
     )
+    for folder in ("quantized", "model"):  # disk: at wide widths each run is GBs
+        shutil.rmtree(d / folder)
     return {
         "run": name,
         "bits_per_weight": m["bits_per_weight"],

@@ -20,6 +20,8 @@ def run(config: Config) -> Path:
             validate=Path(paths.validate),
             benchmark_dir=Path(paths.benchmark),
             machine=Path(paths.machine),
+            predicted=Path(paths.predict),
+            sweep=Path(paths.sweep),
         ),
         repo_id=default_repo_id(
             config.publish.repo_id, config.publish.namespace, model.name, config.recipe.name

@@ -178,6 +178,17 @@ def test_fit_64gib_32k_on_gpt_oss_120b_fits_the_raised_limit(gpt_oss_120b, tmp_p
     limit = (64 - cfg.benchmark.os_reserve_gib - cfg.benchmark.overhead_gib) * 2**30
     assert weights + kv <= limit
     assert limit - (weights + kv) < 0.01 * limit  # the budget is used, not wasted
+    # ... and the card states it, from the same prediction file
+    from tierquant.card import _allocation
+
+    card = _allocation(json.loads((tmp_path / "predicted.json").read_text()))
+    assert card["budget"] == "fit a 64 GB Mac with a 32,768-token context (raised wired limit)"
+    assert (
+        card["fit"]["fits"]
+        and card["fit"]["limit_gib"] == f"{limit / 2**30 + cfg.benchmark.overhead_gib:.3f}"
+    )
+    assert card["fit"]["kv_gib"] == f"{kv / 2**30:.3f}"
+    assert card["weights_gib"] == f"{weights / 2**30:.3f}"
     print(
         f"gpt-oss-120b fit 64 GiB / 32k raised: {weights / 2**30:.2f} GiB weights, "
         f"{size['total']['bits_per_weight']:.3f} bpw, KV {kv / 2**30:.2f} GiB"

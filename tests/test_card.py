@@ -120,6 +120,8 @@ def _config(root: Path, *overrides: str):
         "benchmark": root / "benchmark",
         "machine": root / "machine.json",
         "card": root / "card",
+        "predict": root / "predicted.json",  # absent: a hand recipe's card says no budget
+        "sweep": root / "sweep.json",  # absent: no sweep
     }
     return validate(compose([*overrides, *(f"paths.{k}={v}" for k, v in paths.items())]))
 
@@ -250,3 +252,79 @@ def test_template_ships_as_package_data() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
     line = re.search(r"^tierquant = \[.*\]$", pyproject, re.MULTILINE)
     assert line is not None and '"templates/*"' in line.group(0)
+
+
+def test_card_states_the_budget_and_where_it_sits_on_the_sweep(run_dir: Path, tmp_path) -> None:
+    """recipe=auto: the budget and its fit from predict's metrics; the sweep's curve from
+    `tierquant sweep`'s points, with this model placed on it."""
+    size = json.loads((run_dir / "size.json").read_text())
+    bpw = size["total"]["bits_per_weight"]
+    predicted = {
+        **size,
+        "budget": {
+            "fit": {
+                "memory_gib": 64,
+                "context": 32768,
+                "wired_limit": "raised",
+                "gpu_limit_gib": 56.0,
+                "overhead_gib": 2.0,
+                "kv_cache_bytes": 3 * 2**29,
+            },
+            "max_bytes": 2**31,
+            "max_gib": 2.0,
+            "slack_bytes": 2**31 - size["total"]["bytes"],
+            "slack_gib": 1.998,
+            "predicted_damage": 0.0405,
+        },
+    }
+    (tmp_path / "predicted.json").write_text(json.dumps(predicted))
+    points = [
+        {
+            "name": "small",
+            "recipe": "auto",
+            "budget": "3.0 bpw",
+            "bits_per_weight": 3.0,
+            "kld_mean": 0.9,
+            "top1_agreement": 0.4,
+        },
+        {
+            "name": "this-one",
+            "recipe": "seed",
+            "budget": "hand recipe",
+            "bits_per_weight": bpw,
+            "kld_mean": QUALITY["kld_mean"],
+            "top1_agreement": 0.8125,
+        },
+        {
+            "name": "big",
+            "recipe": "mixed_3_6",
+            "budget": "hand recipe",
+            "bits_per_weight": bpw + 0.5,
+            "kld_mean": 0.5,
+            "top1_agreement": 0.5,
+        },
+    ]
+    (tmp_path / "sweep.json").write_text(json.dumps(points))
+    config = _config(run_dir)
+    config.paths.predict = str(tmp_path / "predicted.json")
+    config.paths.sweep = str(tmp_path / "sweep.json")
+    config.paths.card = str(tmp_path / "card")
+    text = build_card(config).read_text()
+    assert "fit a 64 GB Mac with a 32,768-token context (raised wired limit)" in text
+    weights = size["total"]["bytes"] / 2**30
+    used = weights + 1.5 + 2.0
+    assert f"= {used:.3f} GiB, within the\n56.000 GiB the GPU may use on a 64 GB Mac" in text
+    assert "predicted damage 0.0405 nats/token" in text
+    assert "Among the 3 models" in text and "is on the Pareto front" in text
+    assert "it beats 1 that are no\nsmaller" in text
+    assert f"| **this-one (this)** | seed (hand recipe) | {bpw:.4f} | 0.1235 |" in text
+    # a better model no larger than this one: not on the front, and the card says which
+    points[0].update(bits_per_weight=bpw - 0.1, kld_mean=0.05)
+    (tmp_path / "sweep.json").write_text(json.dumps(points))
+    text = build_card(config).read_text()
+    assert "is not on the Pareto front: small has a lower KLD\n(0.0500)" in text
+
+
+def test_a_hand_recipe_without_a_sweep_says_neither(run_dir: Path) -> None:
+    text = build_card(_config(run_dir)).read_text()
+    assert "Bits allocated by measurement" not in text and "size/quality curve" not in text

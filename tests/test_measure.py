@@ -114,7 +114,7 @@ def test_candidate_modules_hold_the_quantize_stages_bytes(tiny_original, tiny_fl
     from tierquant.affine import quantize_tensor
     from tierquant.checkpoint import Checkpoint
     from tierquant.gptoss import mlx_weights, shape_of_checkpoint
-    from tierquant.measure import quantized_module
+    from tierquant.measure import candidate_rows, quantized_module
     from tierquant.precision import parse_precision
     from tierquant.stream import StreamedModel
 
@@ -125,8 +125,14 @@ def test_candidate_modules_hold_the_quantize_stages_bytes(tiny_original, tiny_fl
         if w.layer == layer and w.name.endswith(f"{kind}.weight")
     )
     p = parse_precision(3, "tiers.t")
-    with StreamedModel(tiny_original, compute_dtype="float32") as sm, Checkpoint(tiny_float) as f:
-        module = quantized_module(sm.layer_weights(layer), weight, p)
+    with (
+        StreamedModel(tiny_original, compute_dtype="float32") as sm,
+        Checkpoint(tiny_original) as original,
+        Checkpoint(tiny_float) as f,
+    ):
+        weights = sm.layer_weights(layer)
+        rows = candidate_rows(weight, original=original, weights=weights)
+        module = quantized_module(weight, p, rows, weights[f"{weight.module}.bias"])
         want = quantize_tensor(f, weight.name, p)
     for key, arr in zip(("weight", "scales", "biases"), want, strict=True):
         assert mx.array_equal(module[key], arr).item(), key

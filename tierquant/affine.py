@@ -5,18 +5,16 @@ the whole tensor, with one slice of bf16 resident instead of the tensor."""
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 from collections.abc import Callable
 
 import mlx.core as mx
 
 from .checkpoint import Checkpoint, row_slices
+from .parallel import slice_streams
 from .precision import Precision
 
 SLICE_BYTES = 64 << 20  # bf16 input per mx.quantize call
-MAX_CPU_STREAMS = 4  # slices quantized at once on the CPU backend (memory: one slice each)
 
 
 def quantize_tensor(src: Checkpoint, name: str, precision: Precision) -> tuple[mx.array, ...]:
@@ -52,17 +50,3 @@ def quantize_rows(
             mx.eval(*out)
     mx.eval(*out)
     return tuple(out)
-
-
-@functools.cache
-def slice_streams() -> tuple[mx.Stream, ...]:
-    """Streams to spread slices over. MLX runs each stream's ops in order on one thread
-    and its CPU `quantize` kernel is single-threaded, so on the CPU backend one stream per
-    core (at most MAX_CPU_STREAMS: each holds a slice in memory). On a GPU the default
-    stream twice: the GPU is parallel already, the second slot only overlaps I/O."""
-    device = mx.default_device()
-    if device != mx.cpu:
-        stream = mx.default_stream(device)
-        return (stream, stream)
-    count = max(2, min(MAX_CPU_STREAMS, os.cpu_count() or 1))
-    return (mx.default_stream(device), *(mx.new_stream(device) for _ in range(count - 1)))

@@ -25,6 +25,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .errors import TierquantError
 from .files import atomic_output, read_json
+from .pareto import curve_position
 from .plan import read_plan
 from .provenance import describe_revision, file_sha256, model_digest, repro_command
 
@@ -363,6 +364,8 @@ class CardInputs:
     validate: Path  # validate's metrics (missing: "not run")
     benchmark_dir: Path  # <dir>/model.json and original.json (missing: "not measured")
     machine: Path
+    predicted: Path | None = None  # predict's metrics: the budget, for recipe=auto
+    sweep: Path | None = None  # `tierquant sweep`'s points (missing or empty: no sweep)
 
 
 @dataclass(frozen=True)
@@ -459,6 +462,10 @@ def card_context(
         "speed": _speed(model_bench, original_bench),
         "speed_chart": None,  # set by build_card once the chart is written
         "fit": _fit(model_bench),
+        "allocation": _allocation(_maybe_json(inputs.predicted) if inputs.predicted else None),
+        "curve": _curve(
+            _maybe_json(inputs.sweep) if inputs.sweep else None, size["total"], validate_metrics
+        ),
         "bandwidth": _bandwidth(model_bench, original_bench, chips),
         "repro": {
             "revision": describe_revision(rev),
@@ -471,6 +478,88 @@ def card_context(
         },
     }
     return card_data, context
+
+
+def _allocation(predicted: dict[str, Any] | None) -> dict[str, Any] | None:
+    """recipe=auto: the budget the plan allocated to, in words, and how the prediction
+    meets it (predict's `budget`); None for a hand recipe."""
+    budget = (predicted or {}).get("budget")
+    if not budget:
+        return None
+    total = predicted["total"]
+    weights_gib = total["bytes"] / GIB
+    view = {
+        "weights_gib": _num(weights_gib, 3),
+        "bpw": _num(total["bits_per_weight"], 4),
+        "max_gib": _num(budget["max_gib"], 3),
+        "slack_gib": _num(budget["slack_gib"], 4),
+        "damage": _num(budget.get("predicted_damage"), 4),
+        "fit": None,
+    }
+    if budget.get("bits_per_weight") is not None:
+        view["budget"] = f"at most {budget['bits_per_weight']:g} bits per weight"
+    elif budget.get("gib") is not None:
+        view["budget"] = f"weights of at most {budget['gib']:g} GiB"
+    if budget.get("fit"):
+        fit = budget["fit"]
+        kv_gib = fit["kv_cache_bytes"] / GIB
+        used = weights_gib + kv_gib + fit["overhead_gib"]
+        view["budget"] = (
+            f"fit a {fit['memory_gib']:g} GB Mac with a {_int(fit['context'])}-token context "
+            f"({fit['wired_limit']} wired limit)"
+        )
+        view["fit"] = {
+            "kv_gib": _num(kv_gib, 3),
+            "overhead_gib": _num(fit["overhead_gib"], 3),
+            "used_gib": _num(used, 3),
+            "limit_gib": _num(fit["gpu_limit_gib"], 3),
+            "wired_limit": fit["wired_limit"],
+            "memory_gib": f"{fit['memory_gib']:g}",
+            "context": _int(fit["context"]),
+            "fits": used <= fit["gpu_limit_gib"],
+        }
+    return view
+
+
+def _curve(
+    points: list[dict[str, Any]] | None,
+    total: dict[str, Any],
+    metrics: dict[str, Any] | None,
+) -> dict[str, Any] | None:
+    """Where this model sits among the sweep's points (tierquant.pareto), when a sweep
+    has been gathered and this model has been validated."""
+    if not points or metrics is None or metrics.get("kld_mean") is None:
+        return None
+    bpw, kld = total["bits_per_weight"], metrics["kld_mean"]
+    where = curve_position(points, bpw, kld)
+    rows = [
+        {
+            "name": p["name"],
+            "recipe": p["recipe"],
+            "budget": p["budget"],
+            "bpw": _num(p["bits_per_weight"], 4),
+            "kld": _num(p["kld_mean"], 4),
+            "top1": _num(p.get("top1_agreement"), 4),
+            "this": abs(p["bits_per_weight"] - bpw) < 5e-5 and abs(p["kld_mean"] - kld) < 5e-5,
+        }
+        for p in points
+    ]
+    best = min(where["beaten_by"], key=lambda p: p["kld_mean"], default=None)
+    return {
+        "count": len(points),
+        "rows": rows,
+        "on_front": where["on_front"],
+        "beats": len(where["beats"]),
+        "best": None
+        if best is None
+        else {
+            "name": best["name"],
+            "bpw": _num(best["bits_per_weight"], 4),
+            "kld": _num(best["kld_mean"], 4),
+        },
+        "bpw": _num(bpw, 4),
+        "kld": _num(kld, 4),
+    }
 
 
 def _show(value: Any) -> str:

@@ -44,6 +44,9 @@ maintenance:
                        outputs linked to them) so the next `dvc repro` rebuilds them
   compare [args]       `dvc exp show` with the headline metrics and the tiers only
                        (extra args go to dvc, e.g. --no-pager, --csv, -n 5)
+  sweep [args]         gather every experiment's (bits/weight, kld_mean, top-1) from
+                       `dvc exp show --json` into metrics/sweep.json, which the card
+                       reads to place its model on the curve (extra args go to dvc)
 
 Run inside a tierquant checkout. Compare experiments with `dvc exp show`.
 """
@@ -80,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
         "and what experiments change (model, recipe, tiers, group size).",
     )
     compare.add_argument("args", nargs=argparse.REMAINDER, help="passed on to dvc exp show")
+    sweep = sub.add_parser(
+        "sweep",
+        help="experiments' quality vs size -> metrics/sweep.json (the card's curve)",
+        description="Run `dvc exp show --json` (extra args passed on, e.g. --all-commits) "
+        "and write every experiment's bits per weight, kld_mean and top-1 to "
+        "metrics/sweep.json (paths.sweep), sorted by size; `dvc repro card` then says where "
+        "the model sits on that curve.",
+    )
+    sweep.add_argument("args", nargs=argparse.REMAINDER, help="passed on to dvc exp show")
     verify.add_argument("--repo", type=Path, default=None, help="the checkout (default: here)")
     return parser
 
@@ -124,6 +136,37 @@ def compare(extra: list[str]) -> int:
     return subprocess.run([dvc, "exp", "show", *compare_args(), *extra]).returncode
 
 
+def sweep(extra: list[str]) -> int:
+    """Write paths.sweep from `dvc exp show --json` (+ `extra`) and print the points."""
+    import json
+    import shutil
+
+    from .config import compose, project_root, validate
+    from .pareto import write_sweep
+
+    root = project_root()
+    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    shown = subprocess.run(
+        [dvc, "exp", "show", "--json", *extra], cwd=root, capture_output=True, text=True
+    )
+    if shown.returncode != 0:
+        raise TierquantError(f"dvc exp show failed: {shown.stderr.strip()[-500:]}")
+    out = root / validate(compose([])).paths.sweep
+    points = write_sweep(json.loads(shown.stdout), out)
+    print(f"{'bits/weight':>11}  {'kld_mean':>8}  {'top-1':>6}  recipe (budget)  experiment")
+    for p in points:
+        top1 = "" if p["top1_agreement"] is None else f"{p['top1_agreement']:.4f}"
+        print(
+            f"{p['bits_per_weight']:>11.4f}  {p['kld_mean']:>8.4f}  {top1:>6}  "
+            f"{p['recipe']} ({p['budget']})  {p['name']}"
+        )
+    print(
+        f"wrote {out.relative_to(root)}: {len(points)} points; `dvc repro card` places "
+        "this model on the curve"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
@@ -132,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_stage(argv[0], argv[1:])
         if argv and argv[0] == "compare" and not {"-h", "--help"} & set(argv[1:]):
             return compare(argv[1:])  # everything after it is dvc's
+        if argv and argv[0] == "sweep" and not {"-h", "--help"} & set(argv[1:]):
+            return sweep(argv[1:])
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()

@@ -1,6 +1,6 @@
 """Verify the DVC cache: every object must hash to its name; evict the ones that do not.
 
-With `cache.type` hardlink or symlink (or reflink's hardlink fallback on ext4) an output
+With `cache.type` hardlink or symlink (this project's `.dvc/config`) an output
 file in the workspace IS its cache object: a tool that edits it in place (root ignores
 the read-only bit; `chmod` and an in-place rewrite do the same) changes the object too,
 and from then on `dvc checkout` and `dvc repro` restore the bad bytes while `dvc status`

@@ -259,6 +259,19 @@ class Weight:
         return n
 
 
+def mxfp4_source(weight: Weight) -> tuple[str, str, slice]:
+    """Where an expert matrix (mlx-lm's gate_proj/up_proj/down_proj) lives in the original:
+    its `_blocks` and `_scales` tensors and the rows of them that are its own (gate_up_proj
+    interleaves gate and up rows: gate the even ones, up the odd)."""
+    prefix = f"model.layers.{weight.layer}.mlp.experts"
+    if weight.kind == "down_proj":
+        return f"{prefix}.down_proj_blocks", f"{prefix}.down_proj_scales", slice(None)
+    if weight.kind not in ("gate_proj", "up_proj"):
+        raise TierquantError(f"{weight.name}: not an expert matrix (no MXFP4 source)")
+    rows = slice(weight.kind == "up_proj", None, 2)
+    return f"{prefix}.gate_up_proj_blocks", f"{prefix}.gate_up_proj_scales", rows
+
+
 def mlx_layer_weights(shape: GptOssShape, layer: int) -> list[Weight]:
     """The bf16 tensors of one layer in mlx-lm names (experts as [E, out, in])."""
     p = f"model.layers.{layer}"

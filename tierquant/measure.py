@@ -26,8 +26,9 @@ Every forward runs on the original checkpoint (experts in mxfp4, as the referenc
 runs it), so one layer costs what a reference layer costs, not a bf16 expert stack cast
 to float32. A decoder group at a candidate is its modules swapped for mlx-lm's own
 `QuantizedLinear` / `QuantizedSwitchLinear` holding exactly the bytes the quantize stage
-would write (`quantized_module`: the layer's resident weights, mxfp4 experts dequantized
-exactly, quantized slice by slice as the quantize stage does), run by the same
+would write (`candidate_rows` + `quantized_module`: attention from the layer's resident
+bf16, experts decoded from the original's MXFP4 rows a slice at a time, exactly the float
+checkpoint's bits; quantized slice by slice as the quantize stage does), run by the same
 quantized kernels validate runs the model with. The row-read tables (embedding, head)
 are fake-quantized (quantize then dequantize, the same values). `mxfp4` for the experts
 is the original's bytes, so its damage is exactly 0 and is not computed; `bf16`
@@ -136,6 +137,7 @@ def measure_damage(
     import mlx.core as mx
 
     from .allocate import allocation_groups
+    from .checkpoint import Checkpoint
     from .gptoss import shape_of_checkpoint
     from .precision import BF16
     from .stream import StreamedModel, compute_dtype
@@ -149,7 +151,10 @@ def measure_damage(
         zero = {p.label: 0.0 for p in candidates if p == BF16 or p.mode == "mxfp4"}
         return {k: v for k, v in zero.items() if g.allows(_by_label(candidates, k))}
 
-    with StreamedModel(original_dir, compute_dtype=compute_dtype()) as sm:
+    with (
+        StreamedModel(original_dir, compute_dtype=compute_dtype()) as sm,
+        Checkpoint(original_dir) as original,
+    ):
         h0 = sm.embed(tokens)
         h = h0
         for i in range(sm.num_layers):
@@ -182,18 +187,26 @@ def measure_damage(
             ref_out = sm.run_layer(i, h, batch_size=batch_size, weights=weights)
             for g in (x for x in groups if x.layer == i):
                 # An expert group's own arrays are the layer's largest and its candidate
-                # runs replace them: not resident meanwhile, each candidate quantizes a
-                # fresh read (the original's mxfp4 bytes, a quarter of the bf16's).
+                # runs replace them: not resident meanwhile (candidate_rows reads the
+                # original's MXFP4 rows a slice at a time).
                 own = [k for k in weights if k.rsplit(".", 1)[0] in {w.module for w in g.weights}]
+                biases = {k: weights[k] for k in own if k.endswith(".bias")}
                 if g.is_experts:
                     for k in own:
-                        del weights[k]
+                        if k not in biases:
+                            del weights[k]
                     mx.clear_cache()
                 pairs = []
                 for p in affine:
-                    source = sm.layer_weights(i) if g.is_experts else weights
-                    modules = {w.module: quantized_module(source, w, p) for w in g.weights}
-                    del source
+                    modules = {
+                        w.module: quantized_module(
+                            w,
+                            p,
+                            candidate_rows(w, original=original, weights=weights),
+                            biases.get(f"{w.module}.bias"),
+                        )
+                        for w in g.weights
+                    }
                     mx.clear_cache()
                     y = sm.run_layer(
                         i, h, batch_size=batch_size, weights=weights, module_overrides=modules
@@ -202,7 +215,7 @@ def measure_damage(
                     pairs.append((p.label, y - ref_out))
                 if g.is_experts:  # back, to be read once more by the next group's first run
                     fresh = sm.layer_weights(i)
-                    weights.update({k: fresh[k] for k in own})
+                    weights.update({k: fresh[k] for k in own if k not in biases})
                     del fresh
                 out[g.name] = {**deltas_to_kl(pairs), **free(g)}
                 del pairs
@@ -222,36 +235,41 @@ def measure_damage(
     return {g.name: out[g.name] for g in groups}
 
 
-def quantized_module(weights: dict[str, Any], weight, precision):
-    """mlx-lm's quantized module for `weight` (a tierquant.gptoss.Weight) at an affine
-    `precision`, from the original's parameters `weights` (`StreamedModel.layer_weights`,
-    held by the caller): the bytes the quantize stage writes. Quantize reads the float
-    checkpoint's bf16; here a bf16 matrix is the same array, and an mxfp4 expert stack is
-    decoded slice by slice by convert's own decoder, which gives exactly the float
-    checkpoint's bits, so nothing is read from disk. The module's bias is kept."""
+def candidate_rows(weight, *, original, weights: dict[str, Any]):
+    """`rows(start, stop)`: slices of `weight` (a tierquant.gptoss.Weight) as the float
+    checkpoint's bf16, for `quantize_rows`. An expert matrix's MXFP4 rows are read from
+    the `original` checkpoint (tierquant.checkpoint.Checkpoint) a slice at a time and
+    decoded by convert's own decoder: exactly the float checkpoint's bits, at a quarter
+    of their bytes. Any other matrix is the layer's resident bf16 parameter in `weights`
+    (`StreamedModel.layer_weights`), the same array the float checkpoint holds."""
     import mlx.core as mx
+
+    from .gptoss import EXPERT_KINDS, mxfp4_source
+    from .mxfp4 import dequantize_to_bf16_bits
+
+    if weight.kind in EXPERT_KINDS:
+        blocks_name, scales_name, own = mxfp4_source(weight)
+
+        def rows(start: int, stop: int):
+            blocks = original.read_rows(blocks_name, start, stop)[:, own]
+            scales = original.read_rows(scales_name, start, stop)[:, own]
+            bits = dequantize_to_bf16_bits(blocks, scales, name=weight.name)
+            return mx.array(bits).view(mx.bfloat16)
+
+        return rows
+    stored = weights[f"{weight.module}.weight"]
+    return lambda start, stop: stored[start:stop]
+
+
+def quantized_module(weight, precision, rows, bias):
+    """mlx-lm's quantized module for `weight` at an affine `precision`, holding the bytes
+    the quantize stage writes (`rows`: see `candidate_rows`), with `bias` (or None)."""
     import mlx.nn as nn
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
     from .affine import quantize_rows
-    from .mxfp4 import GROUP_SIZE, dequantize_to_bf16_bits
-
-    stored = weights[f"{weight.module}.weight"]
-    scales = weights.get(f"{weight.module}.scales")
-    if scales is None:
-
-        def rows(start: int, stop: int):
-            return stored[start:stop]
-    else:
-
-        def rows(start: int, stop: int):  # convert's decoder: the float checkpoint's bits
-            blocks = np.array(stored[start:stop]).view(np.uint8)
-            blocks = blocks.reshape(*blocks.shape[:-1], -1, GROUP_SIZE // 2)
-            bits = dequantize_to_bf16_bits(blocks, np.array(scales[start:stop]), name=weight.name)
-            return mx.array(bits).view(mx.bfloat16)
 
     wq, q_scales, q_biases = quantize_rows(rows, weight.shape, precision)
-    bias = weights.get(f"{weight.module}.bias")
     *experts, out_dims, in_dims = weight.shape
     kw = {"group_size": precision.group_size, "bits": precision.bits, "mode": "affine"}
     if experts:

@@ -24,13 +24,14 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .affine import SLICE_BYTES, slice_streams
+from .affine import SLICE_BYTES
 from .checkpoint import Checkpoint, ShardedWriter, TensorSpec, copy_tensor
 from .errors import TierquantError
 from .files import atomic_output, json_bytes
-from .gptoss import Weight, mlx_weights, shape_of_checkpoint
+from .gptoss import Weight, mlx_weights, mxfp4_source, shape_of_checkpoint
 from .mxfp4 import GROUP_SIZE as MXFP4_GROUP
 from .mxfp4 import NAN_SCALE
+from .parallel import slice_streams
 from .plan import read_plan
 from .precision import Precision, check_quantizable
 
@@ -214,10 +215,7 @@ def _quantize_affine(
 
 def _repack_mxfp4(original: Checkpoint, writer: ShardedWriter, w: Weight, bar: tqdm) -> None:
     """An expert matrix in mlx-lm's mxfp4 layout, straight from the original's bytes."""
-    layer_prefix = f"model.layers.{w.layer}.mlp.experts"
-    source = "down_proj" if w.kind == "down_proj" else "gate_up_proj"
-    rows = slice(None) if w.kind == "down_proj" else slice(w.kind == "up_proj", None, 2)
-    blocks_name, scales_name = f"{layer_prefix}.{source}_blocks", f"{layer_prefix}.{source}_scales"
+    blocks_name, scales_name, rows = mxfp4_source(w)
     experts = w.shape[0]
     for e in range(experts):
         blocks = original.read_rows(blocks_name, e, e + 1)[:, rows]

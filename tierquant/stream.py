@@ -53,6 +53,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .errors import TierquantError
+from .parallel import slice_streams
 
 log = logging.getLogger(__name__)
 
@@ -247,10 +248,16 @@ class StreamedModel:
             outs = []
             full, window = self.masks(hidden[:batch_size])
             mask = full if self.layer_types[index] == "full_attention" else window
-            for start in range(0, hidden.shape[0], batch_size):
-                out = block(hidden[start : start + batch_size], mask)
-                mx.eval(out)
-                outs.append(out)
+            mx.eval(block.parameters())  # read and cast once, before the batches fan out
+            # Batches round-robin over slice_streams(): MLX's CPU kernels are
+            # single-threaded, so on the CPU two batches run on two cores at once (on a
+            # GPU it is the one stream). Each batch is the same ops on the same inputs.
+            streams = slice_streams()
+            for k, start in enumerate(range(0, hidden.shape[0], batch_size)):
+                with mx.stream(streams[k % len(streams)]):
+                    outs.append(block(hidden[start : start + batch_size], mask))
+                if len(outs) % len(streams) == 0:
+                    mx.eval(outs[-len(streams) :])
             result = mx.concatenate(outs) if len(outs) > 1 else outs[0]
             mx.eval(result)
         finally:

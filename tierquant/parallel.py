@@ -1,0 +1,29 @@
+"""How MLX work is spread over the cores: a few streams to round-robin slices over.
+
+MLX runs each stream's ops in order on one thread, and its CPU kernels (`quantize`,
+`gather_qmm`, ...) are single-threaded, so on the CPU backend independent pieces of work
+(quantization slices, eval batches) put on different streams run on different cores.
+On a GPU the default stream is returned twice: the GPU is parallel already, and the
+second slot only lets the caller overlap its I/O with the work.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import mlx.core as mx
+
+MAX_CPU_STREAMS = 4  # pieces in flight at once on the CPU backend (memory: one each)
+
+
+@functools.cache
+def slice_streams() -> tuple[mx.Stream, ...]:
+    """One stream per core on the CPU backend (at least 2, at most MAX_CPU_STREAMS), the
+    default stream twice on a GPU (module docstring)."""
+    device = mx.default_device()
+    if device != mx.cpu:
+        stream = mx.default_stream(device)
+        return (stream, stream)
+    count = max(2, min(MAX_CPU_STREAMS, os.cpu_count() or 1))
+    return (mx.default_stream(device), *(mx.new_stream(device) for _ in range(count - 1)))
