@@ -21,15 +21,10 @@ time), never a whole checkpoint.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import math
-import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +38,6 @@ log = logging.getLogger(__name__)
 
 ERROR_FACTOR = 2.0
 ERROR_FLOOR = 1e-3
-F_RDAHEAD = 45  # macOS <sys/fcntl.h>: turn the file's readahead on (1) or off (0)
 
 
 def sample_rows(
@@ -63,39 +57,12 @@ def sample_rows(
     picked = range(start, rows, step)
     out = np.empty((lead, len(picked), rest), dtype=dtype)
     f = ckpt._file(info.path)
-    with _no_readahead(f):
-        for s in range(lead):
-            for j, r in enumerate(picked):
-                f.seek(info.offset + (s * rows + r) * row_bytes)
-                if f.readinto(memoryview(out[s, j].view(np.uint8))) != row_bytes:
-                    raise TierquantError(f"{info.path}: short read of tensor {info.name!r}")
+    for s in range(lead):
+        for j, r in enumerate(picked):
+            f.seek(info.offset + (s * rows + r) * row_bytes)
+            if f.readinto(memoryview(out[s, j].view(np.uint8))) != row_bytes:
+                raise TierquantError(f"{info.path}: short read of tensor {info.name!r}")
     return out
-
-
-@contextlib.contextmanager
-def _no_readahead(f: BinaryIO) -> Iterator[None]:
-    """Strided row reads without the OS's readahead: its windows (128 KB and up) are
-    larger than the stride between sampled rows of an expert stack (16 rows of 5.8 KB),
-    so with it on, reading 1/16 of a tensor's rows reads nearly all of its bytes."""
-    fd = f.fileno()
-    advise = getattr(os, "posix_fadvise", None)
-    try:
-        if advise is not None:  # Linux
-            advise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        elif sys.platform == "darwin":
-            fcntl.fcntl(fd, F_RDAHEAD, 0)
-    except OSError:  # advice only: reads stay correct without it
-        pass
-    try:
-        yield
-    finally:
-        try:
-            if advise is not None:
-                advise(fd, 0, 0, os.POSIX_FADV_NORMAL)
-            elif sys.platform == "darwin":
-                fcntl.fcntl(fd, F_RDAHEAD, 1)
-        except OSError:
-            pass
 
 
 def _affine_errors(
