@@ -1,17 +1,18 @@
 """Where the quantize stage's time goes, and its speed against mlx-lm's way, same run.
 
-Writes one bf16 expert stack of gpt-oss-120b's shape ([E, 2880, 2880], E experts of
-random normal weights) to a float checkpoint in a scratch folder, then on it:
+Writes one expert stack of gpt-oss-120b's shape ([E, 2880, 2880], E experts of random
+MXFP4 codes and scales) to an original checkpoint in a scratch folder, and its bf16
+decode to a float checkpoint (what convert writes), then on them:
 
   profile    the stage's loop one slice at a time on one stream, each phase timed:
-             read (safetensors rows -> numpy), to MLX (the copy into an mx.array),
-             mx.quantize, the error sample (every 16th row dequantized and compared),
-             write (numpy views -> the shard)
+             read (the original's MXFP4 rows -> numpy), decode (convert's decoder,
+             straight into MLX's memory), mx.quantize, the error sample (every 16th row
+             dequantized and compared), write (numpy views -> the shard)
   ours x1    tierquant.quantize.quantize_tier with one stream (slices in order)
   ours       quantize_tier as the stage runs it: slices spread over slice_streams()
              (one per core on the CPU), reads and writes overlapping the work
-  mlx-lm     what `mlx_lm.convert -q` does per tensor: mx.load (lazy), mx.quantize of
-             the whole tensor, mx.save_safetensors
+  mlx-lm     what `mlx_lm.convert -q` does per tensor of the float checkpoint: mx.load
+             (lazy), mx.quantize of the whole tensor, mx.save_safetensors
 
 and prints GB/s of bf16 in for each, and ours / mlx-lm. Outputs of ours x1 and ours are
 checked byte-identical.
@@ -32,53 +33,73 @@ from pathlib import Path
 import numpy as np
 
 
-def write_float(folder: Path, experts: int, name: str) -> None:
-    """The tensor, plus the config.json of a one-layer gpt-oss with `experts` experts at
-    gpt-oss-120b's widths (what quantize_tier reads the tensor's shape from)."""
+def write_checkpoints(original: Path, float_dir: Path, experts: int, name: str) -> None:
+    """The stack's MXFP4 in `original` (gpt-oss names), its bf16 decode in `float_dir`
+    (mlx-lm names, as convert writes it), plus the config.json of a one-layer gpt-oss
+    with `experts` experts at gpt-oss-120b's widths (what quantize_tier reads shapes from)."""
     from dataclasses import replace
 
     from tierquant.checkpoint import ShardedWriter, TensorSpec
     from tierquant.config import compose, validate
     from tierquant.files import write_json
+    from tierquant.mxfp4 import dequantize_to_bf16_bits
     from tierquant.synthetic import config_json
 
-    folder.mkdir(parents=True)
     wide = validate(compose(["model=wide"])).model.synthetic
-    write_json(
-        folder / "config.json",
-        config_json(replace(wide, num_hidden_layers=1, num_local_experts=experts)),
-    )
+    config = config_json(replace(wide, num_hidden_layers=1, num_local_experts=experts))
+    prefix = "model.layers.0.mlp.experts.down_proj"
+    specs = [
+        TensorSpec(f"{prefix}_blocks", "U8", (experts, 2880, 90, 16)),
+        TensorSpec(f"{prefix}_scales", "U8", (experts, 2880, 90)),
+    ]
     rng = np.random.default_rng(0)
-    shape = (experts, 2880, 2880)
-    with ShardedWriter(
-        folder, [TensorSpec(name, "BF16", shape)], max_shard_bytes=1 << 40, metadata={}
-    ) as w:
+    for folder in (original, float_dir):
+        folder.mkdir(parents=True)
+        write_json(folder / "config.json", config)
+    with (
+        ShardedWriter(original, specs, max_shard_bytes=1 << 40, metadata={}) as mx4,
+        ShardedWriter(
+            float_dir,
+            [TensorSpec(name, "BF16", (experts, 2880, 2880))],
+            max_shard_bytes=1 << 40,
+            metadata={},
+        ) as bf16,
+    ):
         for _ in range(experts):
-            x = rng.standard_normal((1, 2880, 2880), dtype=np.float32) * 0.02
-            w.write(name, (x.view(np.uint32) >> 16).astype(np.uint16))
+            blocks = rng.integers(0, 256, (1, 2880, 90, 16), dtype=np.uint8)
+            scales = rng.integers(118, 124, (1, 2880, 90), dtype=np.uint8)
+            mx4.write(specs[0].name, blocks)
+            mx4.write(specs[1].name, scales)
+            bf16.write(name, dequantize_to_bf16_bits(blocks, scales))
 
 
-def profile(folder: Path, name: str, bits: int) -> dict[str, float]:
+def profile(original: Path, name: str, bits: int) -> dict[str, float]:
     import mlx.core as mx
 
-    from tierquant.affine import SLICE_BYTES
+    from tierquant.affine import SliceRing, slices
     from tierquant.checkpoint import Checkpoint
+    from tierquant.gptoss import mlx_weights, mxfp4_source, shape_of_checkpoint
+    from tierquant.mxfp4 import dequantize_to_bf16_bits
     from tierquant.quantize import ERROR_ROW_STRIDE
 
-    phases = dict.fromkeys(("read", "to MLX", "mx.quantize", "error sample", "write"), 0.0)
-    sink = open(folder / "profile.bin", "wb")  # noqa: SIM115
-    with Checkpoint(folder) as src:
-        rows = iter(src.iter_rows(name, SLICE_BYTES))
-        while True:
+    weight = next(w for w in mlx_weights(shape_of_checkpoint(original)) if w.name == name)
+    blocks_name, scales_name, _ = mxfp4_source(weight)
+    phases = dict.fromkeys(("read", "decode into MLX", "mx.quantize", "error sample", "write"), 0.0)
+    sink = open(original / "profile.bin", "wb")  # noqa: SIM115
+    read: dict[str, np.ndarray] = {}
+    ring = SliceRing(
+        lambda start, stop, out: dequantize_to_bf16_bits(read["blocks"], read["scales"], out=out),
+        weight.shape[1:],
+    )
+    with Checkpoint(original) as src:
+        for start, stop in slices(weight.shape):
             t = time.perf_counter()
-            raw = next(rows, None)
-            if raw is None:
-                break
+            read["blocks"] = src.read_rows(blocks_name, start, stop)
+            read["scales"] = src.read_rows(scales_name, start, stop)
             phases["read"] += time.perf_counter() - t
             t = time.perf_counter()
-            x = mx.array(raw).view(mx.bfloat16)
-            mx.eval(x)
-            phases["to MLX"] += time.perf_counter() - t
+            x = ring(start, stop)
+            phases["decode into MLX"] += time.perf_counter() - t
             t = time.perf_counter()
             wq, s, b = mx.quantize(x, group_size=64, bits=bits)
             mx.eval(wq, s, b)
@@ -99,7 +120,9 @@ def profile(folder: Path, name: str, bits: int) -> dict[str, float]:
     return phases
 
 
-def ours(folder: Path, out: Path, name: str, bits: int, streams: int | None) -> float:
+def ours(
+    original: Path, folder: Path, out: Path, name: str, bits: int, streams: int | None
+) -> float:
     import mlx.core as mx
 
     import tierquant.quantize as q
@@ -115,7 +138,7 @@ def ours(folder: Path, out: Path, name: str, bits: int, streams: int | None) -> 
             tensor_names=[name],
             precision=parse_precision(bits, "tiers.experts"),
             float_dir=folder,
-            original_dir=folder,
+            original_dir=original,
             out_dir=out,
             max_shard_bytes=1 << 40,
         )
@@ -136,6 +159,17 @@ def mlx_lm_way(folder: Path, out: Path, name: str, bits: int) -> float:
     return time.perf_counter() - t
 
 
+def check_same_bytes(ours_dir: Path, mlx_dir: Path, name: str) -> None:
+    """Ours (from the MXFP4) and mlx-lm's way (from the float) wrote the same tensors."""
+    from tierquant.checkpoint import Checkpoint
+
+    module = name.removesuffix(".weight")
+    with Checkpoint(ours_dir) as a, Checkpoint(mlx_dir) as b:
+        for mine, theirs in (("weight", "w"), ("scales", "s"), ("biases", "b")):
+            if not np.array_equal(a.read(f"{module}.{mine}"), b.read(theirs)):
+                raise SystemExit(f"ours and mlx-lm's way differ in {mine}")
+
+
 def digest(folder: Path) -> str:
     h = hashlib.md5()
     for f in sorted(folder.glob("*.safetensors")):
@@ -154,14 +188,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tq-bench-quantize-", dir=args.workdir))
     name = "model.layers.0.mlp.experts.down_proj.weight"
     try:
-        folder = work / "float"
-        write_float(folder, args.experts, name)
+        original, folder = work / "original", work / "float"
+        write_checkpoints(original, folder, args.experts, name)
         gb = args.experts * 2880 * 2880 * 2 / 1e9
         print(
             f"{platform.platform()}: [{args.experts}, 2880, 2880] bf16 = {gb:.2f} GB, "
             f"{args.bits}-bit g64, {len(slice_streams())} streams by default"
         )
-        phases = profile(folder, name, args.bits)
+        phases = profile(original, name, args.bits)
         total = sum(phases.values())
         print(f"profile (one stream, in order): {total:.2f} s = {gb / total:.2f} GB/s")
         for phase, s in phases.items():
@@ -169,14 +203,16 @@ def main() -> None:
         times = {}
         for label, streams in (("ours x1", 1), ("ours", None)):
             out = work / label.replace(" ", "")
-            times[label] = ours(folder, out, name, args.bits, streams)
+            times[label] = ours(original, folder, out, name, args.bits, streams)
         assert digest(work / "oursx1") == digest(work / "ours"), "stream count changed bytes"
         times["mlx-lm"] = mlx_lm_way(folder, work / "mlx", name, args.bits)
+        check_same_bytes(work / "ours", work / "mlx", name)
         for label, s in times.items():
             print(f"{label:>8}: {s:6.2f} s  {gb / s:.2f} GB/s")
         print(
             f"ours / mlx-lm wall: {times['ours'] / times['mlx-lm']:.2f}; "
-            f"ours / ours x1: {times['ours'] / times['ours x1']:.2f} (outputs identical)"
+            f"ours / ours x1: {times['ours'] / times['ours x1']:.2f} (outputs identical, "
+            "and identical to mlx-lm's)"
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

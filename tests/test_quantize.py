@@ -235,9 +235,10 @@ def test_sliced_quantize_on_several_streams_equals_whole_tensor(
 ):
     """Small slices spread over several streams and evaluated asynchronously give the
     bytes of one `mx.quantize` of the whole tensor, in order (the oracle: mlx-lm's call)."""
+    import tierquant.affine
     import tierquant.quantize as q
 
-    monkeypatch.setattr(q, "SLICE_BYTES", 3000)  # many slices of a few rows each
+    monkeypatch.setattr(tierquant.affine, "SLICE_BYTES", 3000)  # many slices of a few rows each
     monkeypatch.setattr(
         q,
         "slice_streams",

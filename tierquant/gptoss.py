@@ -10,10 +10,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .checkpoint import Checkpoint, TensorSpec
 from .errors import TierquantError
 from .files import read_json
 from .mxfp4 import GROUP_SIZE as MXFP4_BLOCK  # values per MXFP4 block (16 bytes + 1 scale)
+from .mxfp4 import dequantize_to_bf16_bits
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -270,6 +273,19 @@ def mxfp4_source(weight: Weight) -> tuple[str, str, slice]:
         raise TierquantError(f"{weight.name}: not an expert matrix (no MXFP4 source)")
     rows = slice(weight.kind == "up_proj", None, 2)
     return f"{prefix}.gate_up_proj_blocks", f"{prefix}.gate_up_proj_scales", rows
+
+
+def read_expert_bf16(
+    original: Checkpoint, weight: Weight, start: int, stop: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Experts [start, stop) of an expert matrix exactly as the float checkpoint holds them
+    (bf16 bits, uint16 [stop - start, out, in]; into `out` if given), decoded from the
+    `original`'s MXFP4 by convert's own decoder: the same bits from a quarter of the bytes."""
+    blocks_name, scales_name, own = mxfp4_source(weight)
+    blocks = original.read_rows(blocks_name, start, stop)[:, own]
+    scales = original.read_rows(scales_name, start, stop)[:, own]
+    where = f"{scales_name} (experts {start}..{stop - 1} of {weight.name})"
+    return dequantize_to_bf16_bits(blocks, scales, out=out, name=where)
 
 
 def mlx_layer_weights(shape: GptOssShape, layer: int) -> list[Weight]:

@@ -242,21 +242,11 @@ def candidate_rows(weight, *, original, weights: dict[str, Any]):
     decoded by convert's own decoder: exactly the float checkpoint's bits, at a quarter
     of their bytes. Any other matrix is the layer's resident bf16 parameter in `weights`
     (`StreamedModel.layer_weights`), the same array the float checkpoint holds."""
-    import mlx.core as mx
-
-    from .gptoss import EXPERT_KINDS, mxfp4_source
-    from .mxfp4 import dequantize_to_bf16_bits
+    from .affine import expert_rows
+    from .gptoss import EXPERT_KINDS
 
     if weight.kind in EXPERT_KINDS:
-        blocks_name, scales_name, own = mxfp4_source(weight)
-
-        def rows(start: int, stop: int):
-            blocks = original.read_rows(blocks_name, start, stop)[:, own]
-            scales = original.read_rows(scales_name, start, stop)[:, own]
-            bits = dequantize_to_bf16_bits(blocks, scales, name=weight.name)
-            return mx.array(bits).view(mx.bfloat16)
-
-        return rows
+        return expert_rows(original, weight)
     stored = weights[f"{weight.module}.weight"]
     return lambda start, stop: stored[start:stop]
 

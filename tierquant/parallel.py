@@ -27,3 +27,10 @@ def slice_streams() -> tuple[mx.Stream, ...]:
         return (stream, stream)
     count = max(2, min(MAX_CPU_STREAMS, os.cpu_count() or 1))
     return (mx.default_stream(device), *(mx.new_stream(device) for _ in range(count - 1)))
+
+
+@functools.cache
+def fill_stream() -> mx.Stream:
+    """A CPU stream of its own for allocating buffers the caller fills: evaluating them
+    there never waits behind the quantization queued on `slice_streams()`."""
+    return mx.new_stream(mx.cpu)

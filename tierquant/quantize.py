@@ -3,6 +3,8 @@
 Each matrix of the tier is quantized with `mx.quantize`, streamed in slices along its
 first axis (rows, or experts for [E, out, in] stacks; quantization groups run along the
 last axis, so slicing changes no byte) so peak memory is one slice, not one tensor.
+Expert matrices are decoded from the original's MXFP4 instead of read from the float
+checkpoint: the same bf16 bits (convert's own decoder) from a quarter of the bytes.
 Vectors (norms, biases, sinks) cannot be quantized and are copied as bf16 whatever the
 tier says. `mxfp4` keeps the original checkpoint's expert bytes: blocks become mlx-lm's
 uint32 `weight`, E8M0 bytes its `scales` — a lossless repack, no requantization.
@@ -24,11 +26,11 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .affine import SLICE_BYTES
+from .affine import Rows, checkpoint_rows, expert_rows, slices
 from .checkpoint import Checkpoint, ShardedWriter, TensorSpec, copy_tensor
 from .errors import TierquantError
 from .files import atomic_output, json_bytes
-from .gptoss import Weight, mlx_weights, mxfp4_source, shape_of_checkpoint
+from .gptoss import EXPERT_KINDS, Weight, mlx_weights, mxfp4_source, shape_of_checkpoint
 from .mxfp4 import GROUP_SIZE as MXFP4_GROUP
 from .mxfp4 import NAN_SCALE
 from .parallel import slice_streams
@@ -95,6 +97,7 @@ def quantize_tier(
     )
     with (
         Checkpoint(float_dir) as src,
+        Checkpoint(original_dir) as original,
         atomic_output(out_dir) as tmp,
         ShardedWriter(
             tmp,
@@ -112,7 +115,6 @@ def quantize_tier(
             disable=None,
         ) as bar,
     ):
-        original = Checkpoint(original_dir) if precision.mode == "mxfp4" else None
         for w in weights:
             if not precision.stores_quantized(w.kind):
                 copy_tensor(src, writer, w.name, bar.update)
@@ -122,14 +124,16 @@ def quantize_tier(
                     vectors.append(w.name)
                 continue
             if precision.mode == "mxfp4":
-                assert original is not None
                 _repack_mxfp4(original, writer, w, bar)
                 modules[w.module] = _module_entry(w, precision, 0.0)
             else:
-                err = _quantize_affine(src, writer, w, precision, bar)
+                rows = (
+                    expert_rows(original, w)
+                    if w.kind in EXPERT_KINDS
+                    else checkpoint_rows(src, w.name)
+                )
+                err = _quantize_affine(rows, writer, w, precision, bar)
                 modules[w.module] = _module_entry(w, precision, err)
-        if original is not None:
-            original.close()
         manifest = {
             "tier": tier,
             "precision": precision.quantization() or {"mode": "bf16"},
@@ -163,9 +167,10 @@ def _module_entry(w: Weight, precision: Precision, rel_rmse: float | None) -> di
 
 
 def _quantize_affine(
-    src: Checkpoint, writer: ShardedWriter, w: Weight, precision: Precision, bar: tqdm
+    rows: Rows, writer: ShardedWriter, w: Weight, precision: Precision, bar: tqdm
 ) -> float:
-    """mx.quantize slice by slice; return the relative RMSE of the whole tensor.
+    """mx.quantize slice by slice (`rows`: tierquant.affine.Rows); return the relative RMSE of
+    the whole tensor.
 
     Slices are evaluated asynchronously, round-robin over `slice_streams()`, so reading
     the next slice and writing the previous one overlap the quantization, and on the CPU
@@ -193,9 +198,9 @@ def _quantize_affine(
         writer.write(f"{module}.biases", np.array(biases.view(mx.uint16), copy=False))
         bar.update(nbytes)
 
-    for i, raw in enumerate(src.iter_rows(w.name, SLICE_BYTES)):
+    for i, (start, stop) in enumerate(slices(w.shape)):
+        x = rows(start, stop)
         with mx.stream(streams[i % len(streams)]):
-            x = mx.array(raw).view(mx.bfloat16)
             wq, scales, biases = mx.quantize(x, group_size=g, bits=bits)
             sample = (..., slice(None, None, ERROR_ROW_STRIDE), slice(None))
             dq = mx.dequantize(wq[sample], scales[sample], biases[sample], group_size=g, bits=bits)
@@ -204,8 +209,8 @@ def _quantize_affine(
             e, r = mx.sum(diff * diff), mx.sum(x32 * x32)
         outputs = (wq, scales, biases, e, r)
         mx.async_eval(*outputs)
-        in_flight.append((raw.nbytes, outputs))
-        del raw, x, wq, scales, biases, dq, x32, diff, e, r, outputs
+        in_flight.append((x.nbytes, outputs))
+        del x, wq, scales, biases, dq, x32, diff, e, r, outputs
         if len(in_flight) >= len(streams):
             finish()
     while in_flight:
