@@ -328,8 +328,9 @@ def mlx_lm_mixed_3_6(n: int) -> dict[str, int | None]:
     return bits
 
 
-@pytest.mark.parametrize("n", [6, 24, 36])
+@pytest.mark.parametrize("n", [2, 3, 4, 6, 24, 36])  # mlx-lm builds no 1-layer gpt-oss
 def test_mixed_3_6_recipe_reproduces_mlx_lm(n):
+    """At every depth, including those too shallow for its every-third-layer rule."""
     cfg = config("recipe=mixed_3_6")
     assert cfg.tiers == {"control": "bf16", "router": 3, "high": 6, "low": 3}
     shape = shape_of(

@@ -11,10 +11,15 @@ A rule selects tensors (`tierquant.gptoss.Weight`) by any combination of
 - `stride`: `{step, offsets}`: layers whose index counted from the first middle layer,
   modulo `step`, is one of `offsets` (llama.cpp's / mlx-lm's "every third layer").
 
+`optional: true` lets a rule match nothing: a depth-dependent rule (mlx-lm's "every
+third middle layer") has no layer to select in a shallow model, where the rule it
+transcribes simply selects nothing.
+
 All given fields must match (AND); a rule with no field is an error; a tensor outside
 the decoder layers (embed_tokens, the final norm, lm_head) never matches `layers`,
 `position`, `layer_types` or `stride`. The rules of a tier are OR-ed; a tensor matched
-by no tier or by two tiers is an error, as is a rule that matches nothing.
+by no tier or by two tiers is an error, as is a rule that matches nothing (unless it is
+`optional`).
 
 Bits live elsewhere: `tiers:` gives each tier a precision (tierquant.precision).
 The rule schema (RuleConfig, RecipeConfig) lives here, with the rules; tierquant.config
@@ -60,6 +65,7 @@ class RuleConfig:
     position: str | None = None  # "edge" or "middle" (edge_layers)
     layer_types: list[str] | None = None  # sliding_attention / full_attention
     stride: StrideConfig | None = None
+    optional: bool = False  # may match no tensor (a depth-dependent rule; module doc)
 
 
 @dataclass
@@ -254,6 +260,8 @@ def describe_rule(rule: RuleConfig) -> str:
             parts.append(f"{f}: {_flow(value)}")
     if rule.stride is not None:
         parts.append(f"stride: {{step: {rule.stride.step}, offsets: {_flow(rule.stride.offsets)}}}")
+    if rule.optional:
+        parts.append("optional: true")
     return "{" + ", ".join(parts) + "}"
 
 
@@ -317,11 +325,12 @@ def assign(
             "for it under recipe.tiers"
         )
     for k, (tier, i, rule) in enumerate(rules):
-        if not used[k]:
+        if not used[k] and not rule.optional:
             lo, hi = edge_bounds(num_layers, edge)
             raise TierquantError(
                 f"recipe {recipe.name!r}: rule recipe.tiers.{tier}[{i}] {describe_rule(rule)} "
                 f"matches no tensor of this model ({num_layers} layers; edge layers "
-                f"< {lo} and >= {hi} with edge_layers {recipe.edge_layers}); fix or remove it"
+                f"< {lo} and >= {hi} with edge_layers {recipe.edge_layers}); fix or remove it, "
+                "or mark it `optional: true` if it may select nothing at this depth"
             )
     return out
