@@ -4,7 +4,8 @@ bits per weight, then recipe=auto at that budget; each model quantized, assemble
 validated against the same reference. Prints bpw, kld_mean, top-1, and auto's predicted
 damage (the sum of its groups' measured damage) beside the measured kld_mean.
 
-    python bench/allocation.py [--work DIR] [key=value ...]  # e.g. calibration.num_windows=8
+    python bench/allocation.py [--work DIR] [--recipes seed mixed_3_6] [key=value ...]
+    # e.g. calibration.num_windows=8; a rerun in the same DIR reuses its measure
 """
 
 from __future__ import annotations
@@ -102,6 +103,13 @@ def build(root: Path, work: Path, overrides: list[str], name: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("bench/out/allocation"))
+    ap.add_argument(
+        "--recipes",
+        nargs="+",
+        choices=list(HAND),
+        default=list(HAND),
+        help="hand recipes to compare against (default: all)",
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -136,7 +144,8 @@ def main() -> None:
             flush=True,
         )
     rows = []
-    for name, ov in HAND.items():
+    for name in args.recipes:
+        ov = HAND[name]
         hand = build(root, root, [*args.overrides, *ov], name)
         bpw = hand["predicted_bpw"]
         auto = build(
