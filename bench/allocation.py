@@ -4,7 +4,7 @@ bits per weight, then recipe=auto at that budget; each model quantized, assemble
 validated against the same reference. Prints bpw, kld_mean, top-1, and auto's predicted
 damage (the sum of its groups' measured damage) beside the measured kld_mean.
 
-    python bench/allocation.py [--work DIR] [--recipes seed mixed_3_6] [key=value ...]
+    python bench/allocation.py [--work DIR] [--recipes seed,mixed_3_6] [key=value ...]
     # e.g. calibration.num_windows=8; a rerun in the same DIR reuses its measure
 """
 
@@ -105,13 +105,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("bench/out/allocation"))
     ap.add_argument(
         "--recipes",
-        nargs="+",
-        choices=list(HAND),
-        default=list(HAND),
-        help="hand recipes to compare against (default: all)",
+        default=",".join(HAND),
+        help=f"comma-separated hand recipes to compare against (default: {','.join(HAND)})",
     )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    unknown = set(args.recipes.split(",")) - set(HAND)
+    if unknown:
+        ap.error(f"--recipes: unknown {sorted(unknown)}; choose from {list(HAND)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = validate(compose(args.overrides))
     root = args.work
@@ -144,7 +145,7 @@ def main() -> None:
             flush=True,
         )
     rows = []
-    for name in args.recipes:
+    for name in args.recipes.split(","):
         ov = HAND[name]
         hand = build(root, root, [*args.overrides, *ov], name)
         bpw = hand["predicted_bpw"]
