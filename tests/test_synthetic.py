@@ -102,6 +102,26 @@ def test_any_shape(tmp_path):
     assert ckpt.info("model.layers.2.mlp.experts.down_proj_blocks").shape == (4, 64, 4, 16)
 
 
+def test_random_head_is_as_peaked_as_the_fitted_one(tmp_path):
+    """Without fit_to_corpus the lm_head is random; its logits on unit-RMS hidden states
+    (what the final RMSNorm gives) have mean entropy near TARGET_ENTROPY, not the
+    near-zero entropy of standard-normal head rows (logit std sqrt(hidden))."""
+    from tierquant.bf16 import from_bf16_bits
+    from tierquant.synthetic import TARGET_ENTROPY
+
+    spec = tiny_spec(num_hidden_layers=2, num_local_experts=2, hidden_size=256, fit_to_corpus=False)
+    write_synthetic_checkpoint(tmp_path, spec)
+    with Checkpoint(tmp_path) as ckpt:
+        head = from_bf16_bits(ckpt.read("lm_head.weight"))
+    hidden = np.random.default_rng(1).standard_normal((64, head.shape[1]))
+    logits = hidden @ head.T
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=1, keepdims=True)
+    entropy = -(p * np.log(p + 1e-30)).sum(axis=1).mean()
+    assert 0.75 * TARGET_ENTROPY < entropy < 1.33 * TARGET_ENTROPY, entropy
+
+
 @pytest.fixture(scope="module")
 def loaded(tiny_original):
     from mlx_lm import load

@@ -12,7 +12,11 @@ and lm_head are the two halves of a low-rank factorisation of the corpus' bigram
 log-probabilities (so each next-token distribution is peaked and text-like), and
 every attention and MoE block adds a random but substantial update to the residual
 stream (about `BLOCK_GAIN` of its norm), so changing any of those weights moves the
-output distribution.
+output distribution. Without `fit_to_corpus` (the wide model, whose 201088-row fit is not
+worth its time) the embedding and lm_head are random, and the lm_head is scaled so that
+its logits reach TARGET_ENTROPY too: the next-token distributions are as peaked as the
+tiny model's, not logits of standard deviation sqrt(hidden_size) (~54 at 2880), under
+which every KL divergence between two quantizations is tens of nats of noise.
 """
 
 from __future__ import annotations
@@ -179,6 +183,24 @@ class _Weights:
             lo, hi = (mid, hi) if entropy > TARGET_ENTROPY else (lo, mid)
         return embed.astype(np.float32), (head * np.sqrt(lo * hi)).astype(np.float32)
 
+    def random_head_scale(self) -> float:
+        """Std of a random lm_head's entries for which the logits of a unit-RMS final
+        hidden state (std = scale * sqrt(hidden)) have mean entropy TARGET_ENTROPY,
+        solved by bisection on a few rows of standard normal logits."""
+        v, h = self.shape.vocab_size, self.shape.hidden_size
+        rows = max(4, (1 << 21) // v)  # ~2M logits: a stable mean at any vocabulary size
+        z = _rng(self.spec.seed, "lm_head temperature").standard_normal((rows, v))
+        lo, hi = 0.01, 1000.0
+        for _ in range(60):
+            mid = np.sqrt(lo * hi)
+            x = z * mid
+            x -= x.max(axis=1, keepdims=True)
+            p = np.exp(x)
+            p /= p.sum(axis=1, keepdims=True)
+            entropy = -(p * np.log(p + 1e-30)).sum(axis=1).mean()
+            lo, hi = (mid, hi) if entropy > TARGET_ENTROPY else (lo, mid)
+        return float(np.sqrt(lo * hi) / np.sqrt(h))
+
     def bf16(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         s = self.shape
         rng = _rng(self.spec.seed, name)
@@ -205,11 +227,13 @@ class _Weights:
         if spec.dtype == "U8":
             yield from self.expert_slices(spec)
         elif spec.name in ("model.embed_tokens.weight", "lm_head.weight") and self.embed is None:
+            scale = np.float32(1.0 if spec.name.startswith("model") else self.random_head_scale())
             rows = max(1, (64 << 20) // (4 * spec.shape[1]))
             for part, start in enumerate(range(0, spec.shape[0], rows)):
                 n = min(rows, spec.shape[0] - start)
                 rng = _rng(self.spec.seed, spec.name, part)
-                yield to_bf16_bits(rng.standard_normal((n, spec.shape[1]), dtype=np.float32))
+                x = rng.standard_normal((n, spec.shape[1]), dtype=np.float32)
+                yield to_bf16_bits(x * scale)
         else:
             yield self.bf16(spec.name, spec.shape)
 
