@@ -30,6 +30,7 @@ interpreter with mlx/mlx-lm imported (measured), and compares each depth's peak 
 the first's.
 
     python bench/pipeline.py --layers 2 3 4 --workdir /big/scratch   # ~60 GB at 4 layers
+    python bench/pipeline.py --layers 2 --profile-dvc   # + where an experiment's DVC time goes
 """
 
 from __future__ import annotations
@@ -176,7 +177,37 @@ def prepare_clone(work: Path, model: str, layers: int) -> Path:
     return repo
 
 
-def bench_depth(work: Path, model: str, layers: int) -> dict:
+DVC_PROFILE_ROWS = {
+    "the stages' processes": "posix.waitpid",
+    "dvc.lock updated after each stage (read + write)": "dvcfile.py:283(_dump_lockfile)",
+    "  of which reading it (round-trip YAML)": "_yaml.py:33(parse_yaml_for_update)",
+    "dvc.yaml validated (strictyaml)": "strictyaml.py:281(load)",
+    "hashing (build a tree's hashes)": "build.py",
+    "outputs committed / linked": "output.py",
+    "git (scmrepo)": "scmrepo",
+}
+
+
+def print_dvc_profile(prof: Path) -> None:
+    """Where an experiment's wall time went, from DVC's own cProfile dump: the total, and
+    the cumulative time of the functions that matter (stages, lock file, hashing, git)."""
+    import pstats
+
+    stats = pstats.Stats(str(prof))
+    total = max(v[3] for v in stats.stats.values())  # type: ignore[attr-defined]
+    print(f"   profile of `dvc exp run -S tiers.attention=8` (cProfile on): {total:.1f} s")
+    for label, needle in DVC_PROFILE_ROWS.items():
+        matches = [
+            (func, v[3])
+            for func, v in stats.stats.items()  # type: ignore[attr-defined]
+            if needle in f"{func[0]}:{func[1]}({func[2]})"
+        ]
+        # The outermost match only: cumulative times of nested matches overlap.
+        best = max((t for _, t in matches), default=0.0)
+        print(f"     {label}: {best:.1f} s ({100 * best / total:.0f}%)")
+
+
+def bench_depth(work: Path, model: str, layers: int, profile_dvc: bool = False) -> dict:
     repo = prepare_clone(work, model, layers)
     dvc = str(VENV_BIN / "dvc")
     rows = []
@@ -228,6 +259,22 @@ def bench_depth(work: Path, model: str, layers: int) -> dict:
                 f"{links[0]}/{links[1]}",
                 flush=True,
             )
+    if profile_dvc:
+        prof = work / f"dvc-attention8-{layers}L.prof"
+        run_measured(
+            [
+                dvc,
+                "exp",
+                "run",
+                "-S",
+                "tiers.attention=8",
+                "validate",
+                "--cprofile-dump",
+                str(prof),
+            ],
+            cwd=repo,
+        )
+        print_dvc_profile(prof)
     # Only the original (and the clone's conf, which MLX_QUANTIZE composes) is needed
     # from here on: free the rest of our run's disk first.
     shutil.copytree(repo / "conf", work / f"conf-{layers}L" / "conf")
@@ -352,13 +399,19 @@ def main() -> None:
         help="conf/model entry: wide (120b widths, default) or tiny (smoke test)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--profile-dvc",
+        action="store_true",
+        help="after the measured steps, one more experiment (-S tiers.attention=8) under "
+        "DVC's --cprofile-dump, and where its time went (not in the ratios)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tq-bench-pipeline-", dir=args.workdir))
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}")
     results = []
     try:
         for layers in args.layers:
-            results.append(bench_depth(work, args.model, layers))
+            results.append(bench_depth(work, args.model, layers, args.profile_dvc))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for result in results:
