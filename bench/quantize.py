@@ -90,6 +90,7 @@ def profile(original: Path, name: str, bits: int) -> dict[str, float]:
     ring = SliceRing(
         lambda start, stop, out: dequantize_to_bf16_bits(read["blocks"], read["scales"], out=out),
         weight.shape[1:],
+        depth=1,  # each slice's work is evaluated before the next is read
     )
     with Checkpoint(original) as src:
         for start, stop in slices(weight.shape):

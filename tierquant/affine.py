@@ -39,13 +39,15 @@ class SliceRing:
     buffers in turn: no copy from numpy into MLX (18% of a quantize slice's time) and no
     fresh allocation (zeroing a new 64 MB MLX buffer costs as much as that copy).
 
-    A slice's buffer is overwritten `depth` calls later: callers evaluate every slice's
-    work before then (quantize keeps at most `len(slice_streams())` slices in flight)."""
+    A slice's buffer is overwritten `depth` calls later: callers finish every slice's
+    work before then. With `depth` = the number of streams the slices go round, both
+    callers do: quantize keeps at most one slice per stream but one in flight when it
+    reads the next, and `quantize_rows` evaluates after each round of the streams."""
 
-    def __init__(self, fill: Fill, row_shape: tuple[int, ...], depth: int | None = None) -> None:
+    def __init__(self, fill: Fill, row_shape: tuple[int, ...], depth: int) -> None:
         self.fill = fill
         self.row_shape = row_shape
-        self.depth = depth or len(slice_streams()) + 1
+        self.depth = depth
         self.buffers: list[tuple[mx.array, np.ndarray]] = []
         self.calls = 0
 
@@ -73,21 +75,25 @@ class SliceRing:
         return bits.view(mx.bfloat16)
 
 
-def expert_rows(original: Checkpoint, weight: Weight) -> Rows:
-    """`rows(start, stop)` of an expert matrix, decoded from the `original`'s MXFP4."""
+def expert_rows(original: Checkpoint, weight: Weight, depth: int) -> Rows:
+    """`rows(start, stop)` of an expert matrix, decoded from the `original`'s MXFP4
+    (`depth`: see `SliceRing`)."""
     if weight.kind not in EXPERT_KINDS:
         raise ValueError(f"{weight.name}: not an expert matrix")
     return SliceRing(
         lambda start, stop, out: read_expert_bf16(original, weight, start, stop, out),
         weight.shape[1:],
+        depth,
     )
 
 
-def checkpoint_rows(ckpt: Checkpoint, name: str) -> Rows:
-    """`rows(start, stop)` of tensor `name` of a bf16 checkpoint, read from its file."""
+def checkpoint_rows(ckpt: Checkpoint, name: str, depth: int) -> Rows:
+    """`rows(start, stop)` of tensor `name` of a bf16 checkpoint, read from its file
+    (`depth`: see `SliceRing`)."""
     return SliceRing(
         lambda start, stop, out: ckpt.read_rows(name, start, stop, out),
         ckpt.info(name).shape[1:],
+        depth,
     )
 
 
@@ -98,7 +104,8 @@ def slices(shape: tuple[int, ...]) -> list[tuple[int, int]]:
 
 def quantize_tensor(src: Checkpoint, name: str, precision: Precision) -> tuple[mx.array, ...]:
     """Tensor `name` of checkpoint `src` at an affine `precision` (see `quantize_rows`)."""
-    return quantize_rows(checkpoint_rows(src, name), src.info(name).shape, precision)
+    rows = checkpoint_rows(src, name, depth=len(slice_streams()))
+    return quantize_rows(rows, src.info(name).shape, precision)
 
 
 def quantize_rows(rows: Rows, shape: tuple[int, ...], precision: Precision) -> tuple[mx.array, ...]:

@@ -244,9 +244,10 @@ def candidate_rows(weight, *, original, weights: dict[str, Any]):
     (`StreamedModel.layer_weights`), the same array the float checkpoint holds."""
     from .affine import expert_rows
     from .gptoss import EXPERT_KINDS
+    from .parallel import slice_streams
 
     if weight.kind in EXPERT_KINDS:
-        return expert_rows(original, weight)
+        return expert_rows(original, weight, depth=len(slice_streams()))  # quantize_rows's
     stored = weights[f"{weight.module}.weight"]
     return lambda start, stop: stored[start:stop]
 

@@ -95,6 +95,7 @@ def quantize_tier(
         len(weights),
         total_in / 1e9,
     )
+    streams = slice_streams()
     with (
         Checkpoint(float_dir) as src,
         Checkpoint(original_dir) as original,
@@ -127,12 +128,13 @@ def quantize_tier(
                 _repack_mxfp4(original, writer, w, bar)
                 modules[w.module] = _module_entry(w, precision, 0.0)
             else:
+                depth = len(streams)  # one buffer per slice in flight (SliceRing)
                 rows = (
-                    expert_rows(original, w)
+                    expert_rows(original, w, depth)
                     if w.kind in EXPERT_KINDS
-                    else checkpoint_rows(src, w.name)
+                    else checkpoint_rows(src, w.name, depth)
                 )
-                err = _quantize_affine(rows, writer, w, precision, bar)
+                err = _quantize_affine(rows, streams, writer, w, precision, bar)
                 modules[w.module] = _module_entry(w, precision, err)
         manifest = {
             "tier": tier,
@@ -167,13 +169,18 @@ def _module_entry(w: Weight, precision: Precision, rel_rmse: float | None) -> di
 
 
 def _quantize_affine(
-    rows: Rows, writer: ShardedWriter, w: Weight, precision: Precision, bar: tqdm
+    rows: Rows,
+    streams: tuple[mx.Stream, ...],
+    writer: ShardedWriter,
+    w: Weight,
+    precision: Precision,
+    bar: tqdm,
 ) -> float:
     """mx.quantize slice by slice (`rows`: tierquant.affine.Rows); return the relative RMSE of
     the whole tensor.
 
-    Slices are evaluated asynchronously, round-robin over `slice_streams()`, so reading
-    the next slice and writing the previous one overlap the quantization, and on the CPU
+    Slices are evaluated asynchronously, round-robin over `streams` (`slice_streams()`),
+    so reading the next slice and writing the previous one overlap the quantization, and on the CPU
     backend every core quantizes. Each slice's outputs and error sums are consumed in
     slice order, so the bytes and the recorded error do not depend on the stream count.
 
@@ -185,7 +192,6 @@ def _quantize_affine(
     ref_sq = 0.0
     module = w.module
     g, bits = precision.group_size, precision.bits
-    streams = slice_streams()
     in_flight: deque[tuple[int, tuple[mx.array, ...]]] = deque()
 
     def finish() -> None:
