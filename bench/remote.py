@@ -14,12 +14,14 @@ machine (loopback), so the pull is bound by moto and DVC, not by a network; moto
 serves one transfer at a time (`-j 1`, see MOTO_JOBS).
 
     python bench/remote.py --workdir /big/scratch     # ~50 GB scratch at 2 layers
+    python bench/remote.py --remote local --workdir /big/scratch   # what runs at wide
     python bench/remote.py --model tiny --layers 6    # smoke test, a minute
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -35,9 +37,10 @@ sys.path.insert(0, str(REPO / "tests"))
 from s3server import BUCKET, S3Server  # noqa: E402
 
 # moto holds a whole object in memory to complete a multipart upload or to serve a GET
-# (and S3 shards here are up to 5 GB): four at once (DVC's default jobs on this machine)
-# took it past this machine's memory and it answered 500. One transfer at a time is
-# what moto can serve; a real S3 takes DVC's default parallelism.
+# (shards here are up to 5 GB): four at once (DVC's default jobs on this machine)
+# answered 500 on CompleteMultipartUpload. One at a time failed the same way on the
+# 4.6 GB shards (the 2-layer wide run, 2026-12-02), so at these widths use --remote
+# local; a real S3 takes these objects and DVC's default parallelism.
 MOTO_JOBS = ["-j", "1"]
 
 GIT_ID = {
@@ -53,6 +56,13 @@ def main() -> None:
     parser.add_argument("--model", default="wide")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--remote",
+        choices=("s3", "local"),
+        default="s3",
+        help="s3: moto on loopback (default); local: a directory remote in the workdir "
+        "(moto fails multipart uploads of multi-GB objects: see MOTO_JOBS)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tq-remote-", dir=args.workdir))
     for name in [n for n in os.environ if n.startswith("AWS_")]:
@@ -64,13 +74,16 @@ def main() -> None:
             ["git", "clone", "-q", "--bare", str(src), str(work / "origin.git")], check=True
         )
         shutil.rmtree(src)
-        with S3Server(work / "s3") as s3:
-            env = {**s3.env(), **GIT_ID, "TMPDIR": str(work)}
+        server = S3Server(work / "s3") if args.remote == "s3" else contextlib.nullcontext()
+        with server as s3:
+            if s3 is None:
+                env, url, jobs = {**GIT_ID}, str(work / "remote"), []
+            else:
+                env = {**s3.env(), **GIT_ID, "TMPDIR": str(work)}
+                url, jobs = f"s3://{BUCKET}/tierquant", MOTO_JOBS
             a = work / "a"
             subprocess.run(["git", "clone", "-q", str(work / "origin.git"), str(a)], check=True)
-            run_measured(
-                [dvc, "remote", "add", "-d", "storage", f"s3://{BUCKET}/tierquant"], cwd=a, env=env
-            )
+            run_measured([dvc, "remote", "add", "-d", "storage", url], cwd=a, env=env)
             rows = [
                 (
                     "A: full `dvc repro validate`",
@@ -80,7 +93,7 @@ def main() -> None:
             rows.append(
                 (
                     "A: `dvc push --run-cache`",
-                    run_measured([dvc, "push", "--run-cache", *MOTO_JOBS], cwd=a, env=env),
+                    run_measured([dvc, "push", "--run-cache", *jobs], cwd=a, env=env),
                 )
             )
             cached = dir_bytes(a / ".dvc" / "cache")
@@ -94,7 +107,7 @@ def main() -> None:
             b = work / "b"
             subprocess.run(["git", "clone", "-q", str(work / "origin.git"), str(b)], check=True)
             pull = run_measured(
-                [dvc, "pull", "--run-cache", "--with-deps", "validate", *MOTO_JOBS], cwd=b, env=env
+                [dvc, "pull", "--run-cache", "--with-deps", "validate", *jobs], cwd=b, env=env
             )
             repro = run_measured([dvc, "repro", "validate"], cwd=b, env=env)
             rows += [
@@ -107,7 +120,8 @@ def main() -> None:
 
     print(
         f"\n{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs; "
-        f"model={args.model}, {args.layers} layers; DVC cache pushed: {gb(cached)}"
+        f"model={args.model}, {args.layers} layers, {args.remote} remote; "
+        f"DVC cache pushed: {gb(cached)}"
     )
     print("| step | wall | peak RSS | written |\n|---|---|---|---|")
     for name, m in rows:
