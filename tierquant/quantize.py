@@ -72,7 +72,8 @@ def quantize_tier(
     out_dir: Path,
     max_shard_bytes: int,
 ) -> dict:
-    """Quantize the tier's tensors from `float_dir` into `out_dir`; return the manifest."""
+    """Quantize the tier's tensors into `out_dir` (expert matrices decoded from
+    `original_dir`'s MXFP4, everything else read from `float_dir`); return the manifest."""
     shape = shape_of_checkpoint(float_dir)
     by_name = {w.name: w for w in mlx_weights(shape)}
     unknown = [n for n in tensor_names if n not in by_name]

@@ -122,6 +122,21 @@ def _rng(seed: int, name: str, part: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode()), part])
 
 
+def _temperature_for_entropy(logits: np.ndarray, *, hi: float, steps: int) -> float:
+    """The factor t in [0.01, hi] for which softmax(t * logits) has mean entropy
+    TARGET_ENTROPY over the rows of `logits` (geometric bisection, `steps` halvings)."""
+    lo = 0.01
+    for _ in range(steps):
+        mid = np.sqrt(lo * hi)
+        z = logits * mid
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        entropy = -(p * np.log(p + 1e-30)).sum(axis=1).mean()
+        lo, hi = (mid, hi) if entropy > TARGET_ENTROPY else (lo, mid)
+    return np.sqrt(lo * hi)
+
+
 class _Weights:
     """Generates each tensor of the checkpoint from its name."""
 
@@ -171,35 +186,17 @@ class _Weights:
         # The final RMSNorm sees unit-RMS rows too; pick the temperature that gives
         # TARGET_ENTROPY on average over the corpus' tokens.
         seen = np.unique(ids)
-        logits = embed[seen] @ head.T
-        lo, hi = 0.01, 100.0
-        for _ in range(50):
-            mid = np.sqrt(lo * hi)
-            z = logits * mid
-            z -= z.max(axis=1, keepdims=True)
-            p = np.exp(z)
-            p /= p.sum(axis=1, keepdims=True)
-            entropy = -(p * np.log(p + 1e-30)).sum(axis=1).mean()
-            lo, hi = (mid, hi) if entropy > TARGET_ENTROPY else (lo, mid)
-        return embed.astype(np.float32), (head * np.sqrt(lo * hi)).astype(np.float32)
+        temperature = _temperature_for_entropy(embed[seen] @ head.T, hi=100.0, steps=50)
+        return embed.astype(np.float32), (head * temperature).astype(np.float32)
 
     def random_head_scale(self) -> float:
         """Std of a random lm_head's entries for which the logits of a unit-RMS final
         hidden state (std = scale * sqrt(hidden)) have mean entropy TARGET_ENTROPY,
-        solved by bisection on a few rows of standard normal logits."""
+        solved on ~2M standard normal logits."""
         v, h = self.shape.vocab_size, self.shape.hidden_size
         rows = max(4, (1 << 21) // v)  # ~2M logits: a stable mean at any vocabulary size
         z = _rng(self.spec.seed, "lm_head temperature").standard_normal((rows, v))
-        lo, hi = 0.01, 1000.0
-        for _ in range(60):
-            mid = np.sqrt(lo * hi)
-            x = z * mid
-            x -= x.max(axis=1, keepdims=True)
-            p = np.exp(x)
-            p /= p.sum(axis=1, keepdims=True)
-            entropy = -(p * np.log(p + 1e-30)).sum(axis=1).mean()
-            lo, hi = (mid, hi) if entropy > TARGET_ENTROPY else (lo, mid)
-        return float(np.sqrt(lo * hi) / np.sqrt(h))
+        return float(_temperature_for_entropy(z, hi=1000.0, steps=60) / np.sqrt(h))
 
     def bf16(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         s = self.shape
