@@ -63,7 +63,6 @@ def build(root: Path, work: Path, overrides: list[str], name: str) -> dict:
             tier=tier,
             tensor_names=[t["name"] for t in read_plan(d / "plan", tier)["tensors"]],
             precision=p,
-            float_dir=flt,
             original_dir=orig,
             out_dir=d / "quantized" / tier,
             max_shard_bytes=cfg.model.max_shard_bytes,

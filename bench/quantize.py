@@ -138,7 +138,6 @@ def ours(
             tier="experts",
             tensor_names=[name],
             precision=parse_precision(bits, "tiers.experts"),
-            float_dir=folder,
             original_dir=original,
             out_dir=out,
             max_shard_bytes=1 << 40,

@@ -1,4 +1,6 @@
-"""quantize@<tier>: one tier of data/float at its precision → data/quantized/<tier>.
+"""quantize@<tier>: one tier of the model at its precision → data/quantized/<tier>.
+
+Reads data/original (as convert would decode it), never data/float.
 
 Run by hand as `python stages/quantize.py tier=experts [key=value ...]`.
 """
@@ -16,7 +18,6 @@ def run(config: Config, tier: str) -> None:
         tier=tier,
         tiers=config.precisions(),
         plan_dir=Path(config.paths.plan),
-        float_dir=Path(config.paths.float),
         original_dir=Path(config.paths.original),
         out_dir=Path(config.paths.quantized) / tier,
         max_shard_bytes=config.model.max_shard_bytes,

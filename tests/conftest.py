@@ -63,7 +63,6 @@ def build_model(root: Path, original: Path, float_dir: Path, overrides: list[str
             tier=tier,
             tensor_names=[t["name"] for t in read_plan(root / "plan", tier)["tensors"]],
             precision=precision,
-            float_dir=float_dir,
             original_dir=original,
             out_dir=root / "quantized" / tier,
             max_shard_bytes=config.model.max_shard_bytes,

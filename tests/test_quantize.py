@@ -143,6 +143,27 @@ def test_mxfp4_experts_keep_the_original_bytes(tiny_original, tiny_float, tmp_pa
     np.testing.assert_array_equal(outputs[1], outputs[3])  # identical packed bytes
 
 
+def test_bf16_tier_is_the_float_checkpoint_bit_for_bit(tiny_original, tiny_float, tmp_path):
+    """quantize reads the original, never data/float: a bf16 tier of every kind of tensor
+    (expert matrices decoded from MXFP4, expert biases split out of gate_up_proj_bias,
+    the rest copied) must hold exactly convert's bytes."""
+    with Checkpoint(tiny_float) as flt:
+        names = [n for n in flt.tensors if n.startswith("model.layers.1.")]
+        names += ["model.embed_tokens.weight", "model.norm.weight"]
+        manifest = quantize_tier(
+            tier="t",
+            tensor_names=names,
+            precision=parse_precision("bf16", "tiers.t"),
+            original_dir=tiny_original,
+            out_dir=tmp_path / "t",
+            max_shard_bytes=10**9,
+        )
+        assert sorted(manifest["tensors"]) == sorted(names)
+        with Checkpoint(tmp_path / "t") as out:
+            for name in names:
+                np.testing.assert_array_equal(out.read(name), flt.read(name), err_msg=name)
+
+
 def test_group_size_that_does_not_divide_the_input_width():
     weight = Weight(
         "model.layers.0.self_attn.q_proj.weight", "q_proj", 0, "sliding_attention", (256, 96)
@@ -170,7 +191,6 @@ def test_failed_quantize_leaves_nothing(tiny_float, tiny_original, tmp_path):
             tier="experts",
             tensor_names=["model.layers.0.mlp.nope.weight"],
             precision=parse_precision(3, "tiers.experts"),
-            float_dir=tiny_float,
             original_dir=tiny_original,
             out_dir=out,
             max_shard_bytes=10**6,
@@ -255,7 +275,6 @@ def test_sliced_quantize_on_several_streams_equals_whole_tensor(
             tier="t",
             tensor_names=names,
             precision=parse_precision(4, "tiers.t"),
-            float_dir=tiny_float,
             original_dir=tiny_original,
             out_dir=tmp_path / "t",
             max_shard_bytes=10**9,

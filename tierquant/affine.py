@@ -3,10 +3,10 @@ along the first axis (rows, or experts of an [E, out, in] stack). Quantization g
 along the last axis, so slicing changes no byte: the result equals one `mx.quantize` of
 the whole tensor, with one slice of bf16 resident instead of the tensor.
 
-A matrix's bf16 comes from where it is cheapest to read: an expert matrix from the
-original checkpoint's MXFP4 (`expert_rows`: a quarter of the float checkpoint's bytes,
-decoded by convert's own decoder to the very same bits), anything else from the float
-checkpoint (`checkpoint_rows`).
+A matrix's bf16 comes from the original checkpoint, bit for bit what the float checkpoint
+holds: an expert matrix decoded from its MXFP4 (`expert_rows`: a quarter of the float's
+bytes, decoded by convert's own decoder to the very same bits), any other matrix read
+as is (`checkpoint_rows`: bf16 in the original, under the same name).
 Either is read or decoded straight into MLX's memory (`SliceRing`), not copied into it.
 """
 

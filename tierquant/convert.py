@@ -18,9 +18,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, ShardedWriter, copy_tensor
+from .checkpoint import Checkpoint, ShardedWriter
 from .files import atomic_output, read_json, write_json
-from .gptoss import GptOssShape, copy_side_files, mlx_float_specs, verify_original
+from .gptoss import (
+    EXPERT_KINDS,
+    GptOssShape,
+    copy_side_files,
+    iter_float_rows,
+    mlx_float_specs,
+    mlx_weights,
+    verify_original,
+)
 from .mxfp4 import dequantize_to_bf16_bits
 
 log = logging.getLogger(__name__)
@@ -55,9 +63,11 @@ def convert_checkpoint(src: Path, dest: Path, *, max_shard_bytes: int) -> Conver
     ):
         for layer in range(shape.num_hidden_layers):
             _convert_experts(original, writer, shape, layer, bar)
-        for spec in specs:
-            if spec.name in original:  # same name, same bytes
-                copy_tensor(original, writer, spec.name, bar.update)
+        for w in mlx_weights(shape):
+            if w.kind not in EXPERT_KINDS:  # copied, or an expert bias split out
+                for chunk in iter_float_rows(original, w):
+                    writer.write(w.name, chunk)
+                    bar.update(chunk.nbytes)
         float_config = {k: v for k, v in config.items() if k != "quantization_config"}
         write_json(tmp / "config.json", float_config)
         copy_side_files(src, tmp)
@@ -69,7 +79,8 @@ def convert_checkpoint(src: Path, dest: Path, *, max_shard_bytes: int) -> Conver
 def _convert_experts(
     src: Checkpoint, writer: ShardedWriter, shape: GptOssShape, layer: int, bar: tqdm
 ) -> None:
-    """Dequantize one layer's experts, one expert at a time, into gate/up/down tensors."""
+    """Dequantize one layer's expert matrices, one expert at a time, into gate/up/down
+    (their biases are split with the other tensors, `iter_float_rows`)."""
     hf = f"model.layers.{layer}.mlp.experts"
     out = f"model.layers.{layer}.mlp.experts"
     inter, hidden = shape.intermediate_size, shape.hidden_size
@@ -92,8 +103,3 @@ def _convert_experts(
         dequantize_to_bf16_bits(blocks, scales, out=down, name=f"{down_scales} (expert {e})")
         writer.write(f"{out}.down_proj.weight", down)
         bar.update(gate.nbytes + up.nbytes + down.nbytes)
-    bias = src.read(f"{hf}.gate_up_proj_bias")
-    writer.write(f"{out}.gate_proj.bias", bias[:, 0::2])
-    writer.write(f"{out}.up_proj.bias", bias[:, 1::2])
-    writer.write(f"{out}.down_proj.bias", src.read(f"{hf}.down_proj_bias"))
-    bar.update(bias.nbytes + shape.num_local_experts * hidden * 2)

@@ -7,6 +7,7 @@ synthesize checkpoints, to verify downloads and to map names for conversion.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,17 +263,39 @@ class Weight:
         return n
 
 
+def _expert_source(layer: int | None, projection: str, name: str) -> tuple[str, slice]:
+    """The original's tensor prefix an expert projection lives in and the rows of it that
+    are its own: gate_up_proj interleaves gate and up rows (gate the even ones, up the
+    odd), for the matrix and its bias alike."""
+    prefix = f"model.layers.{layer}.mlp.experts"
+    if projection == "down_proj":
+        return f"{prefix}.down_proj", slice(None)
+    if projection not in ("gate_proj", "up_proj"):
+        raise TierquantError(f"{name}: not an expert tensor (no source in the original)")
+    return f"{prefix}.gate_up_proj", slice(projection == "up_proj", None, 2)
+
+
 def mxfp4_source(weight: Weight) -> tuple[str, str, slice]:
     """Where an expert matrix (mlx-lm's gate_proj/up_proj/down_proj) lives in the original:
-    its `_blocks` and `_scales` tensors and the rows of them that are its own (gate_up_proj
-    interleaves gate and up rows: gate the even ones, up the odd)."""
-    prefix = f"model.layers.{weight.layer}.mlp.experts"
-    if weight.kind == "down_proj":
-        return f"{prefix}.down_proj_blocks", f"{prefix}.down_proj_scales", slice(None)
-    if weight.kind not in ("gate_proj", "up_proj"):
-        raise TierquantError(f"{weight.name}: not an expert matrix (no MXFP4 source)")
-    rows = slice(weight.kind == "up_proj", None, 2)
-    return f"{prefix}.gate_up_proj_blocks", f"{prefix}.gate_up_proj_scales", rows
+    its `_blocks` and `_scales` tensors and the rows of them that are its own."""
+    prefix, rows = _expert_source(weight.layer, weight.kind, weight.name)
+    return f"{prefix}_blocks", f"{prefix}_scales", rows
+
+
+def iter_float_rows(original: Checkpoint, weight: Weight) -> Iterator[np.ndarray]:
+    """Tensor `weight` of the float checkpoint exactly as convert writes it (raw: bf16 as
+    uint16), in consecutive slices along its first axis, read from the `original`: an
+    expert matrix decoded from MXFP4 one expert at a time, an expert bias split out of
+    gate_up_proj_bias (experts' columns, interleaved like the rows), anything else copied
+    (same name, same bytes)."""
+    if weight.kind in EXPERT_KINDS:
+        for e in range(weight.shape[0]):
+            yield read_expert_bf16(original, weight, e, e + 1)
+    elif weight.name in original:
+        yield from original.iter_rows(weight.name)
+    else:
+        prefix, cols = _expert_source(weight.layer, weight.name.split(".")[-2], weight.name)
+        yield original.read(f"{prefix}_bias")[:, cols]
 
 
 def read_expert_bf16(

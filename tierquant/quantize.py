@@ -1,11 +1,14 @@
-"""quantize stage: one tier's tensors of the float checkpoint at the tier's precision.
+"""quantize stage: one tier's tensors at the tier's precision, read from the original.
 
 Each matrix of the tier is quantized with `mx.quantize`, streamed in slices along its
 first axis (rows, or experts for [E, out, in] stacks; quantization groups run along the
 last axis, so slicing changes no byte) so peak memory is one slice, not one tensor.
-Expert matrices are decoded from the original's MXFP4 instead of read from the float
-checkpoint: the same bf16 bits (convert's own decoder) from a quarter of the bytes.
-Vectors (norms, biases, sinks) cannot be quantized and are copied as bf16 whatever the
+Every tensor is read from the original checkpoint exactly as the float checkpoint holds
+it (`tierquant.affine`, `iter_float_rows`): expert matrices decoded from MXFP4 by
+convert's own decoder (the same bf16 bits from a quarter of the bytes), everything else
+copied or split as convert does. So the stage reads what measure has just read (in the
+page cache), never the float checkpoint, several times the original's size. Vectors
+(norms, biases, sinks) cannot be quantized and are copied as bf16 whatever the
 tier says. `mxfp4` keeps the original checkpoint's expert bytes: blocks become mlx-lm's
 uint32 `weight`, E8M0 bytes its `scales` — a lossless repack, no requantization.
 
@@ -27,10 +30,17 @@ import numpy as np
 from tqdm import tqdm
 
 from .affine import Rows, checkpoint_rows, expert_rows, slices
-from .checkpoint import Checkpoint, ShardedWriter, TensorSpec, copy_tensor
+from .checkpoint import Checkpoint, ShardedWriter, TensorSpec
 from .errors import TierquantError
 from .files import atomic_output, json_bytes
-from .gptoss import EXPERT_KINDS, Weight, mlx_weights, mxfp4_source, shape_of_checkpoint
+from .gptoss import (
+    EXPERT_KINDS,
+    Weight,
+    iter_float_rows,
+    mlx_weights,
+    mxfp4_source,
+    shape_of_checkpoint,
+)
 from .mxfp4 import GROUP_SIZE as MXFP4_GROUP
 from .mxfp4 import NAN_SCALE
 from .parallel import slice_streams
@@ -67,20 +77,19 @@ def quantize_tier(
     tier: str,
     tensor_names: list[str],
     precision: Precision,
-    float_dir: Path,
     original_dir: Path,
     out_dir: Path,
     max_shard_bytes: int,
 ) -> dict:
-    """Quantize the tier's tensors into `out_dir` (expert matrices decoded from
-    `original_dir`'s MXFP4, everything else read from `float_dir`); return the manifest."""
-    shape = shape_of_checkpoint(float_dir)
+    """Quantize the tier's tensors (mlx-lm names) into `out_dir`, each read from
+    `original_dir` as the float checkpoint holds it; return the manifest."""
+    shape = shape_of_checkpoint(original_dir)
     by_name = {w.name: w for w in mlx_weights(shape)}
     unknown = [n for n in tensor_names if n not in by_name]
     if unknown:
         raise TierquantError(
             f"plan for tier {tier!r} names {unknown[0]!r}, which is not a tensor of the "
-            f"float checkpoint {float_dir}; rerun the plan stage"
+            f"model in {original_dir} (mlx-lm names); rerun the plan stage"
         )
     weights = [by_name[n] for n in tensor_names]
     for w in weights:
@@ -98,7 +107,6 @@ def quantize_tier(
     )
     streams = slice_streams()
     with (
-        Checkpoint(float_dir) as src,
         Checkpoint(original_dir) as original,
         atomic_output(out_dir) as tmp,
         ShardedWriter(
@@ -119,7 +127,9 @@ def quantize_tier(
     ):
         for w in weights:
             if not precision.stores_quantized(w.kind):
-                copy_tensor(src, writer, w.name, bar.update)
+                for chunk in iter_float_rows(original, w):
+                    writer.write(w.name, chunk)
+                    bar.update(chunk.nbytes)
                 if w.is_matrix:
                     modules[w.module] = _module_entry(w, precision, None)
                 else:
@@ -133,7 +143,7 @@ def quantize_tier(
                 rows = (
                     expert_rows(original, w, depth)
                     if w.kind in EXPERT_KINDS
-                    else checkpoint_rows(src, w.name, depth)
+                    else checkpoint_rows(original, w.name, depth)  # same name, same bytes
                 )
                 err = _quantize_affine(rows, streams, writer, w, precision, bar)
                 modules[w.module] = _module_entry(w, precision, err)
@@ -247,7 +257,6 @@ def quantize(
     tier: str,
     tiers: dict[str, Precision],
     plan_dir: Path,
-    float_dir: Path,
     original_dir: Path,
     out_dir: Path,
     max_shard_bytes: int,
@@ -263,7 +272,6 @@ def quantize(
         tier=tier,
         tensor_names=[t["name"] for t in read_plan(Path(plan_dir), tier)["tensors"]],
         precision=tiers[tier],
-        float_dir=Path(float_dir),
         original_dir=Path(original_dir),
         out_dir=Path(out_dir),
         max_shard_bytes=max_shard_bytes,
