@@ -507,12 +507,16 @@ BAD_PARAMS: list[tuple[str, tuple[str, ...], str, str, tuple[str, ...], Broken]]
         ("paths.plan", "data/plan", lambda d: _corrupt_json(d / "experts.json")),
     ),
     (
-        "float-shard-truncated",
+        "original-shard-truncated",  # quantize reads the original, not data/float
         ("quantize", "tier=experts"),
         "paths.quantized",
         "data/quantized",
-        ("model-00004-of-00004.safetensors", "truncated"),
-        ("paths.float", "data/float", lambda d: _truncate(d / "model-00004-of-00004.safetensors")),
+        ("model-00003-of-00003.safetensors", "truncated"),
+        (
+            "paths.original",
+            "data/original",
+            lambda d: _truncate(d / "model-00003-of-00003.safetensors"),
+        ),
     ),
     (
         "mxfp4-nan-scale",
