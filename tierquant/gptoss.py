@@ -293,9 +293,13 @@ def iter_float_rows(original: Checkpoint, weight: Weight) -> Iterator[np.ndarray
             yield read_expert_bf16(original, weight, e, e + 1)
     elif weight.name in original:
         yield from original.iter_rows(weight.name)
-    else:
+    elif ".mlp.experts." in weight.name:
         prefix, cols = _expert_source(weight.layer, weight.name.split(".")[-2], weight.name)
         yield original.read(f"{prefix}_bias")[:, cols]
+    else:
+        raise TierquantError(
+            f"{weight.name}: not in the original checkpoint; re-download it (download)"
+        )
 
 
 def read_expert_bf16(
