@@ -80,7 +80,6 @@ def build(root: Path, work: Path, overrides: list[str], name: str) -> dict:
         model_dir=d / "model",
         reference_dir=root / "reference",
         plan_dir=d / "plan",
-        float_dir=flt,
         original_dir=orig,
         quantized_dir=d / "quantized",
         tiers=tiers,

@@ -38,7 +38,7 @@ def reference(tiny_original, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run_validate(tiny_original, tiny_float):
+def run_validate(tiny_original):
     """run_validate(config, model dir, plan dir, reference, out) on a model of the
     `models` fixture (its root holds plan/ and quantized/)."""
 
@@ -47,7 +47,6 @@ def run_validate(tiny_original, tiny_float):
             model_dir=model_dir,
             reference_dir=reference,
             plan_dir=plan_dir,
-            float_dir=tiny_float,
             original_dir=tiny_original,
             quantized_dir=plan_dir.parent / "quantized",
             tiers=config.precisions(),

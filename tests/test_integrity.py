@@ -27,10 +27,9 @@ def seed(models):
     return config, plan_dir.parent
 
 
-def _check(config, root: Path, model_dir: Path, tiny_float, tiny_original) -> list[str]:
+def _check(config, root: Path, model_dir: Path, tiny_original) -> list[str]:
     return check_integrity(
         model_dir=model_dir,
-        float_dir=tiny_float,
         original_dir=tiny_original,
         quantized_dir=root / "quantized",
         tiers=config.precisions(),
@@ -60,12 +59,12 @@ def _all_tensors(model_dir: Path) -> dict:
     return out
 
 
-def test_intact_model_passes(seed, tiny_float, tiny_original):
+def test_intact_model_passes(seed, tiny_original):
     config, root = seed
-    assert _check(config, root, root / "model", tiny_float, tiny_original) == []
+    assert _check(config, root, root / "model", tiny_original) == []
 
 
-def test_swapped_q_proj_names_both(seed, tiny_float, tiny_original, tmp_path):
+def test_swapped_q_proj_names_both(seed, tiny_original, tmp_path):
     config, root = seed
     # Layers 2 and 4: middle sliding-window layers, both in the 4-bit `attention` tier.
     a, b = "model.layers.2.self_attn.q_proj", "model.layers.4.self_attn.q_proj"
@@ -81,13 +80,13 @@ def test_swapped_q_proj_names_both(seed, tiny_float, tiny_original, tmp_path):
         return hit
 
     broken = _edit(root / "model", tmp_path / "model", swap)
-    problems = _check(config, root, broken, tiny_float, tiny_original)
+    problems = _check(config, root, broken, tiny_original)
     assert len(problems) == 2
     assert problems[0].startswith(f"{a}.weight: relative error")
     assert problems[1].startswith(f"{b}.weight: relative error")
 
 
-def test_zeroed_expert_is_named(seed, tiny_float, tiny_original, tmp_path):
+def test_zeroed_expert_is_named(seed, tiny_original, tmp_path):
     import mlx.core as mx
 
     config, root = seed
@@ -103,7 +102,7 @@ def test_zeroed_expert_is_named(seed, tiny_float, tiny_original, tmp_path):
         return True
 
     broken = _edit(root / "model", tmp_path / "model", zero)
-    problems = _check(config, root, broken, tiny_float, tiny_original)
+    problems = _check(config, root, broken, tiny_original)
     assert len(problems) == 1 and problems[0].startswith(f"{module}.weight (expert 3):")
 
 
@@ -125,7 +124,7 @@ def test_other_bits_in_the_tier_format_and_one_error_line(
         return True
 
     broken = _edit(root / "model", tmp_path / "model", requantize)
-    problems = _check(config, root, broken, tiny_float, tiny_original)
+    problems = _check(config, root, broken, tiny_original)
     assert len(problems) == 1 and problems[0].startswith(f"{module}.weight: relative error")
     # Through validate: one `validate: integrity:` line naming it, metrics still written.
     out = tmp_path / "validate.json"
@@ -133,7 +132,6 @@ def test_other_bits_in_the_tier_format_and_one_error_line(
         model_dir=broken,
         reference_dir=tmp_path / "no-reference",
         plan_dir=root / "plan",
-        float_dir=tiny_float,
         original_dir=tiny_original,
         quantized_dir=root / "quantized",
         tiers=config.precisions(),
@@ -161,7 +159,7 @@ def test_other_bits_in_the_tier_format_and_one_error_line(
 
 
 def test_missing_reference_and_structure_problems_fail_together_without_traceback(
-    seed, tiny_float, tiny_original, tmp_path
+    seed, tiny_original, tmp_path
 ):
     from tierquant.config import compose, validate
 
@@ -172,7 +170,6 @@ def test_missing_reference_and_structure_problems_fail_together_without_tracebac
             model_dir=root / "model",
             reference_dir=tmp_path / "no-reference",
             plan_dir=root / "plan",
-            float_dir=tiny_float,
             original_dir=tiny_original,
             quantized_dir=root / "quantized",
             tiers=wrong.precisions(),
@@ -182,3 +179,23 @@ def test_missing_reference_and_structure_problems_fail_together_without_tracebac
     text = str(failed.value)
     assert "validate: structure:" in text and "no-reference/meta.json: missing" in text
     assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("start,step", [(0, 16), (3, 5)])
+def test_float_rows_from_the_original_are_the_float_checkpoints(
+    tiny_float, tiny_original, start, step
+):
+    """What integrity compares the model with (every tensor kind: expert rows decoded from
+    the MXFP4 rows that hold them, expert biases split out of gate_up_proj_bias, the rest
+    read by name) equals the same rows of the float checkpoint convert wrote."""
+    from tierquant.checkpoint import Checkpoint
+    from tierquant.gptoss import float_row_sample, mlx_weights, shape_of_checkpoint
+
+    weights = mlx_weights(shape_of_checkpoint(tiny_original))
+    with Checkpoint(tiny_original) as original, Checkpoint(tiny_float) as floats:
+        assert sorted(w.name for w in weights) == sorted(floats.tensors)
+        for w in weights:
+            ours = float_row_sample(original, w, start, step)
+            theirs = floats.read_row_sample(w.name, start, step)
+            assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, w.name
+            assert np.array_equal(ours, theirs), w.name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -91,6 +92,30 @@ def test_deterministic_from_seed(tiny_original, tmp_path):
     write_synthetic_checkpoint(other, tiny_spec(seed=1))
     shard = sorted(tiny_original.glob("model-*.safetensors"))[1].name
     assert (other / shard).read_bytes() != (tiny_original / shard).read_bytes()
+
+
+@pytest.mark.parametrize("kernel", ["Prescott", "Haswell"])
+def test_same_bytes_whatever_the_blas_kernel(tiny_original, tmp_path, kernel):
+    """The fitted embedding/head come from an SVD, whose singular vectors' signs depend on
+    the BLAS kernel OpenBLAS picks for the CPU: another machine must still write the same
+    bytes (or the shared DVC cache misses). OPENBLAS_CORETYPE forces another kernel
+    here; it is ignored where numpy does not use OpenBLAS (macOS: Accelerate)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / kernel
+    out.mkdir()
+    code = (
+        "import sys; from pathlib import Path; from tests.conftest import tiny_spec; "
+        "from tierquant.synthetic import write_synthetic_checkpoint; "
+        "write_synthetic_checkpoint(Path(sys.argv[1]), tiny_spec())"
+    )
+    env = {**os.environ, "OPENBLAS_CORETYPE": kernel}
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code, str(out)], env=env, cwd=root, check=True)
+    for path in sorted(tiny_original.iterdir()):
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 def test_any_shape(tmp_path):

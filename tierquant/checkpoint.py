@@ -241,6 +241,29 @@ class Checkpoint:
         for start, stop in row_slices(info.shape[0], info.row_bytes, chunk_bytes):
             yield self.read_rows(name, start, stop)
 
+    def read_row_sample(self, name: str, start: int = 0, step: int = 1) -> np.ndarray:
+        """Rows start, start+step, ... of a tensor, raw, as [slices, picked, rest]: the row
+        axis is the first of a matrix and the second of a stack ([E, rows, ...]); `rest`
+        flattens what follows it. A vector is read whole. One row is read at a time."""
+        info = self.info(name)
+        if len(info.shape) < 2:
+            return self.read(name)
+        dtype = NUMPY_DTYPES[info.dtype]
+        axis = 0 if len(info.shape) == 2 else 1
+        lead = int(np.prod(info.shape[:axis], dtype=np.int64))
+        rows = info.shape[axis]
+        rest = int(np.prod(info.shape[axis + 1 :], dtype=np.int64))
+        row_bytes = rest * dtype.itemsize
+        picked = range(start, rows, step)
+        out = np.empty((lead, len(picked), rest), dtype=dtype)
+        f = self._file(info.path)
+        for s in range(lead):
+            for j, r in enumerate(picked):
+                f.seek(info.offset + (s * rows + r) * row_bytes)
+                if f.readinto(memoryview(out[s, j].view(np.uint8))) != row_bytes:
+                    raise TierquantError(f"{info.path}: short read of tensor {name!r}")
+        return out
+
     def _file(self, path: Path) -> BinaryIO:
         f = self._files.get(path)
         if f is None:

@@ -282,24 +282,54 @@ def mxfp4_source(weight: Weight) -> tuple[str, str, slice]:
     return f"{prefix}_blocks", f"{prefix}_scales", rows
 
 
+def _float_source(original: Checkpoint, weight: Weight) -> tuple[str, str, slice]:
+    """How the float checkpoint's `weight` is made from the original, the one rule both
+    readers below follow: ("mxfp4", "", rows) for an expert matrix (decoded; see
+    mxfp4_source), ("copy", name, :) for a tensor stored under the same name, ("columns",
+    bias, cols) for an expert bias (columns of gate_up_proj_bias, interleaved like the
+    rows)."""
+    if weight.kind in EXPERT_KINDS:
+        return "mxfp4", "", mxfp4_source(weight)[2]
+    if weight.name in original:
+        return "copy", weight.name, slice(None)
+    if ".mlp.experts." in weight.name:
+        prefix, cols = _expert_source(weight.layer, weight.name.split(".")[-2], weight.name)
+        return "columns", f"{prefix}_bias", cols
+    raise TierquantError(
+        f"{weight.name}: not in the original checkpoint; re-download it (download)"
+    )
+
+
 def iter_float_rows(original: Checkpoint, weight: Weight) -> Iterator[np.ndarray]:
     """Tensor `weight` of the float checkpoint exactly as convert writes it (raw: bf16 as
     uint16), in consecutive slices along its first axis, read from the `original`: an
     expert matrix decoded from MXFP4 one expert at a time, an expert bias split out of
-    gate_up_proj_bias (experts' columns, interleaved like the rows), anything else copied
-    (same name, same bytes)."""
-    if weight.kind in EXPERT_KINDS:
+    gate_up_proj_bias, anything else copied (same name, same bytes)."""
+    how, name, part = _float_source(original, weight)
+    if how == "mxfp4":
         for e in range(weight.shape[0]):
             yield read_expert_bf16(original, weight, e, e + 1)
-    elif weight.name in original:
-        yield from original.iter_rows(weight.name)
-    elif ".mlp.experts." in weight.name:
-        prefix, cols = _expert_source(weight.layer, weight.name.split(".")[-2], weight.name)
-        yield original.read(f"{prefix}_bias")[:, cols]
+    elif how == "copy":
+        yield from original.iter_rows(name)
     else:
-        raise TierquantError(
-            f"{weight.name}: not in the original checkpoint; re-download it (download)"
-        )
+        yield original.read(name)[:, part]
+
+
+def float_row_sample(original: Checkpoint, weight: Weight, start: int, step: int) -> np.ndarray:
+    """Rows start, start+step, ... of tensor `weight` of the float checkpoint, raw, in
+    `Checkpoint.read_row_sample`'s layout, read from the `original` by the same rule:
+    an expert matrix's rows decoded from the MXFP4 rows that hold them (a quarter of the
+    bytes), an expert bias's experts split out of gate_up_proj_bias."""
+    how, name, part = _float_source(original, weight)
+    if how == "mxfp4":
+        blocks_name, scales_name, _ = mxfp4_source(weight)
+        first, stride = part.start or 0, part.step or 1
+        row, every = first + start * stride, step * stride
+        scales = original.read_row_sample(scales_name, row, every)
+        blocks = original.read_row_sample(blocks_name, row, every).reshape(*scales.shape, -1)
+        return dequantize_to_bf16_bits(blocks, scales, name=f"{scales_name} ({weight.name})")
+    rows = original.read_row_sample(name, start, step)
+    return rows if how == "copy" else rows[..., part]
 
 
 def read_expert_bf16(

@@ -6,17 +6,21 @@ on every `ERROR_ROW_STRIDE`-th row (of every expert, for [E, out, in] stacks), t
 the quantize stage measured its error on:
 
 - affine-quantized: the model's rows are dequantized (`mx.dequantize` at the tier's bits
-  and group size) and compared with the same rows of the float checkpoint. The relative
+  and group size) and compared with the same rows of the float checkpoint, read from the
+  original as the quantize stage reads them (`gptoss.float_row_sample`: expert rows
+  decoded from the MXFP4 rows that hold them, a quarter of the bytes). The relative
   RMSE of each expert (or of the whole matrix) must be at most `ERROR_FACTOR` × the error
   the quantize stage recorded for the module at write time (plus `ERROR_FLOOR`). A
   tensor swapped with another of the same shape, a zeroed expert, or a module quantized
   at fewer bits than its tier and stored in the tier's format all exceed it.
 - mxfp4 (the original's expert bytes repacked): the rows' bytes equal the original's.
 - bf16 (matrices left unquantized, norms, biases, router, sinks): the rows' bytes equal
-  the float checkpoint's.
+  the float checkpoint's (from the original, as above).
 
-Reads about 1/16 of the model and of its sources (one row at a time, one tensor at a
-time), never a whole checkpoint.
+Reads about 1/16 of the model and of the original (one row at a time, one tensor at a
+time), never a whole checkpoint, and never the float checkpoint: the original is what
+every stage before validate has just read, so it is in the page cache where the float
+checkpoint (4x its expert bytes at gpt-oss-120b) no longer is.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import NUMPY_DTYPES, Checkpoint, TensorInfo
+from .checkpoint import Checkpoint
 from .errors import TierquantError
 from .files import read_json
+from .gptoss import GptOssShape, float_row_sample, mlx_weights
 from .precision import Precision
 from .quantize import ERROR_ROW_STRIDE, MANIFEST
 
@@ -40,44 +45,34 @@ ERROR_FACTOR = 2.0
 ERROR_FLOOR = 1e-3
 
 
-def sample_rows(
-    ckpt: Checkpoint, info: TensorInfo, start: int = 0, step: int = ERROR_ROW_STRIDE
-) -> np.ndarray:
-    """Rows start, start+step, ... of a tensor, raw, as [slices, picked, rest]: the row
-    axis is the first of a matrix and the second of a stack ([E, rows, ...]); `rest`
-    flattens what follows it. A vector is read whole. One row is read at a time."""
-    if len(info.shape) < 2:
-        return ckpt.read(info.name)
-    dtype = NUMPY_DTYPES[info.dtype]
-    axis = 0 if len(info.shape) == 2 else 1
-    lead = int(np.prod(info.shape[:axis], dtype=np.int64))
-    rows = info.shape[axis]
-    rest = int(np.prod(info.shape[axis + 1 :], dtype=np.int64))
-    row_bytes = rest * dtype.itemsize
-    picked = range(start, rows, step)
-    out = np.empty((lead, len(picked), rest), dtype=dtype)
-    f = ckpt._file(info.path)
-    for s in range(lead):
-        for j, r in enumerate(picked):
-            f.seek(info.offset + (s * rows + r) * row_bytes)
-            if f.readinto(memoryview(out[s, j].view(np.uint8))) != row_bytes:
-                raise TierquantError(f"{info.path}: short read of tensor {info.name!r}")
-    return out
+class FloatRows:
+    """The float checkpoint's sampled rows of any tensor, read from the original."""
+
+    def __init__(self, original: Checkpoint) -> None:
+        self.original = original
+        shape = GptOssShape.from_config(original.config, str(original.root / "config.json"))
+        self.weights = {w.name: w for w in mlx_weights(shape)}
+
+    def __call__(self, name: str) -> np.ndarray:
+        weight = self.weights.get(name)
+        if weight is None:
+            raise TierquantError(f"{name}: not a tensor of gpt-oss (no source in the original)")
+        return float_row_sample(self.original, weight, 0, ERROR_ROW_STRIDE)
+
+
+def _rows(ckpt: Checkpoint, name: str) -> np.ndarray:
+    return ckpt.read_row_sample(name, 0, ERROR_ROW_STRIDE)
 
 
 def _affine_errors(
-    model: Checkpoint, src: Checkpoint, module: str, bits: int, group_size: int
+    model: Checkpoint, source: FloatRows, module: str, bits: int, group_size: int
 ) -> np.ndarray:
     """Relative RMSE of the model's dequantized sampled rows against the float ones, per
     leading slice (expert) — one value for a 2-D matrix."""
     import mlx.core as mx
 
-    w, scales, biases = (
-        mx.array(sample_rows(model, model.info(f"{module}.{part}")))
-        for part in ("weight", "scales", "biases")
-    )
-    ref = mx.array(sample_rows(src, src.info(f"{module}.weight"))).view(mx.bfloat16)
-    ref = ref.astype(mx.float32)
+    w, scales, biases = (mx.array(_rows(model, f"{module}.{part}")) for part in PARTS)
+    ref = mx.array(source(f"{module}.weight")).view(mx.bfloat16).astype(mx.float32)
     dq = mx.dequantize(
         w,
         scales.view(mx.bfloat16),
@@ -95,10 +90,12 @@ def _affine_errors(
     return np.where(norm > 0, np.sqrt(err / np.where(norm > 0, norm, 1.0)), np.sqrt(err))
 
 
-def _same_rows(a: Checkpoint, a_name: str, b: Checkpoint, b_name: str) -> bool:
-    """The sampled rows of a_name and b_name are equal, byte for byte."""
-    left = sample_rows(a, a.info(a_name))
-    return left.tobytes() == sample_rows(b, b.info(b_name)).tobytes()
+PARTS = ("weight", "scales", "biases")
+
+
+def _same_rows(model: Checkpoint, source: FloatRows, name: str) -> bool:
+    """The model's sampled rows of `name` equal the float checkpoint's, byte for byte."""
+    return _rows(model, name).tobytes() == source(name).tobytes()
 
 
 def _mxfp4_problem(model: Checkpoint, original: Checkpoint, module: str) -> str | None:
@@ -109,8 +106,8 @@ def _mxfp4_problem(model: Checkpoint, original: Checkpoint, module: str) -> str 
     start, step = (0, 1) if kind == "down_proj" else (int(kind == "up_proj"), 2)
     for part, suffix in (("weight", "blocks"), ("scales", "scales")):
         name = f"{layer_prefix}.{source}_{suffix}"
-        ours = sample_rows(model, model.info(f"{module}.{part}"))
-        theirs = sample_rows(original, original.info(name), start, step * ERROR_ROW_STRIDE)
+        ours = _rows(model, f"{module}.{part}")
+        theirs = original.read_row_sample(name, start, step * ERROR_ROW_STRIDE)
         if ours.tobytes() != theirs.tobytes():
             return f"{module}.{part}: differs from the original's {name} (mxfp4 is lossless)"
     return None
@@ -119,37 +116,32 @@ def _mxfp4_problem(model: Checkpoint, original: Checkpoint, module: str) -> str 
 def check_integrity(
     *,
     model_dir: Path,
-    float_dir: Path,
     original_dir: Path,
     quantized_dir: Path,
     tiers: dict[str, Precision],
 ) -> list[str]:
     """One problem per tensor whose sampled rows are not what its source and tier allow."""
     problems: list[str] = []
-    with (
-        Checkpoint(model_dir) as model,
-        Checkpoint(float_dir) as src,
-        Checkpoint(original_dir) as original,
-    ):
+    with Checkpoint(model_dir) as model, Checkpoint(original_dir) as original:
+        source = FloatRows(original)
         for tier, precision in tiers.items():
             path = Path(quantized_dir) / tier / MANIFEST
             if not path.is_file():
                 raise TierquantError(f"{path}: missing; run the quantize@{tier} stage")
             manifest = read_json(path)
             for module, entry in manifest["modules"].items():
-                problem = _module_problem(model, src, original, module, entry, precision)
+                problem = _module_problem(model, source, module, entry, precision)
                 if problem:
                     problems.append(problem)
             for name in manifest["vectors"]:
-                if not _same_rows(model, name, src, name):
-                    problems.append(f"{name}: differs from {float_dir}'s {name}")
+                if not _same_rows(model, source, name):
+                    problems.append(f"{name}: differs from its source in {original_dir}")
     return problems
 
 
 def _module_problem(
     model: Checkpoint,
-    src: Checkpoint,
-    original: Checkpoint,
+    source: FloatRows,
     module: str,
     entry: dict[str, Any],
     precision: Precision,
@@ -158,15 +150,15 @@ def _module_problem(
         return f"{module}.weight: missing from the model"
     if entry["mode"] == "bf16" or not precision.quantized:
         name = f"{module}.weight"
-        return None if _same_rows(model, name, src, name) else f"{name}: differs from its source"
+        return None if _same_rows(model, source, name) else f"{name}: differs from its source"
     if precision.mode == "mxfp4":
-        return _mxfp4_problem(model, original, module)
+        return _mxfp4_problem(model, source.original, module)
     if f"{module}.scales" not in model or f"{module}.biases" not in model:
         return f"{module}: not affine-quantized in the model (no scales/biases)"
     recorded = float(entry.get("rel_rmse") or 0.0)
     limit = ERROR_FACTOR * recorded + ERROR_FLOOR
     try:
-        errors = _affine_errors(model, src, module, precision.bits, precision.group_size)
+        errors = _affine_errors(model, source, module, precision.bits, precision.group_size)
     except ValueError as e:  # packed shapes that do not dequantize at these bits
         return f"{module}.weight: does not dequantize at {precision.label} ({e})"
     worst = int(np.argmax(errors))

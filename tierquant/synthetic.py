@@ -175,6 +175,11 @@ class _Weights:
         target = np.log(probs)
         target -= target.mean(axis=1, keepdims=True)
         u, s, vt = np.linalg.svd(target, full_matrices=False)
+        # A singular vector's sign is arbitrary, and which one LAPACK returns depends on
+        # the BLAS kernel the CPU selects: fix it (the largest entry of each left vector
+        # positive), so every machine writes the same bytes and the DVC cache hits.
+        signs = np.sign(u[np.abs(u).argmax(axis=0), np.arange(u.shape[1])])
+        u, vt = u * signs, vt * signs[:, None]
         rank = min(h, len(s))
         root = np.sqrt(s[:rank])
         embed = np.zeros((v, h))

@@ -88,7 +88,6 @@ def validate_model(
     model_dir: Path,
     reference_dir: Path,
     plan_dir: Path,
-    float_dir: Path,
     original_dir: Path,
     quantized_dir: Path,
     tiers: dict[str, Any],
@@ -108,7 +107,6 @@ def validate_model(
     try:
         integrity = check_integrity(
             model_dir=model_dir,
-            float_dir=float_dir,
             original_dir=original_dir,
             quantized_dir=quantized_dir,
             tiers=tiers,
