@@ -31,6 +31,7 @@ the first's.
 
     python bench/pipeline.py --layers 2 3 4 --workdir /big/scratch   # ~60 GB at 4 layers
     python bench/pipeline.py --layers 2 --profile-dvc   # + where an experiment's DVC time goes
+    python bench/pipeline.py --layers 2 --profile-dvc tiers.experts=5   # ... of another one
 """
 
 from __future__ import annotations
@@ -188,14 +189,14 @@ DVC_PROFILE_ROWS = {
 }
 
 
-def print_dvc_profile(prof: Path) -> None:
+def print_dvc_profile(prof: Path, override: str) -> None:
     """Where an experiment's wall time went, from DVC's own cProfile dump: the total, and
     the cumulative time of the functions that matter (stages, lock file, hashing, git)."""
     import pstats
 
     stats = pstats.Stats(str(prof))
     total = max(v[3] for v in stats.stats.values())  # type: ignore[attr-defined]
-    print(f"   profile of `dvc exp run -S tiers.attention=8` (cProfile on): {total:.1f} s")
+    print(f"   profile of `dvc exp run -S {override}` (cProfile on): {total:.1f} s")
     for label, needle in DVC_PROFILE_ROWS.items():
         matches = [
             (func, v[3])
@@ -207,7 +208,7 @@ def print_dvc_profile(prof: Path) -> None:
         print(f"     {label}: {best:.1f} s ({100 * best / total:.0f}%)")
 
 
-def bench_depth(work: Path, model: str, layers: int, profile_dvc: bool = False) -> dict:
+def bench_depth(work: Path, model: str, layers: int, profile_dvc: str | None = None) -> dict:
     repo = prepare_clone(work, model, layers)
     dvc = str(VENV_BIN / "dvc")
     rows = []
@@ -260,21 +261,21 @@ def bench_depth(work: Path, model: str, layers: int, profile_dvc: bool = False) 
                 flush=True,
             )
     if profile_dvc:
-        prof = work / f"dvc-attention8-{layers}L.prof"
+        prof = work / f"dvc-{profile_dvc.replace('=', '-')}-{layers}L.prof"
         run_measured(
             [
                 dvc,
                 "exp",
                 "run",
                 "-S",
-                "tiers.attention=8",
+                profile_dvc,
                 "validate",
                 "--cprofile-dump",
                 str(prof),
             ],
             cwd=repo,
         )
-        print_dvc_profile(prof)
+        print_dvc_profile(prof, profile_dvc)
     # Only the original (and the clone's conf, which MLX_QUANTIZE composes) is needed
     # from here on: free the rest of our run's disk first.
     shutil.copytree(repo / "conf", work / f"conf-{layers}L" / "conf")
@@ -401,9 +402,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument(
         "--profile-dvc",
-        action="store_true",
-        help="after the measured steps, one more experiment (-S tiers.attention=8) under "
-        "DVC's --cprofile-dump, and where its time went (not in the ratios)",
+        nargs="?",
+        const="tiers.attention=8",
+        default=None,
+        metavar="OVERRIDE",
+        help="after the measured steps, one more experiment (-S OVERRIDE, default "
+        "tiers.attention=8) under DVC's --cprofile-dump, and where its time went (not in "
+        "the ratios)",
     )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tq-bench-pipeline-", dir=args.workdir))
