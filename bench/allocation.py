@@ -127,7 +127,6 @@ def main() -> None:
         print("measure: reused", root / "measure", flush=True)
     else:
         measure(
-            float_dir=root / "float",
             original=root / "original",
             calibration=cfg.calibration,
             eval_config=cfg.eval,

@@ -2,7 +2,7 @@
 
 For each depth N, in a fresh clone of this repo composed for `model=wide` (hidden 2880,
 128 experts in mxfp4, vocab 201088) with N layers: `dvc repro measure` (download →
-convert → measure). Prints measure's own wall time and peak RSS (logged by the stage),
+measure). Prints measure's own wall time and peak RSS (logged by the stage),
 the process tree's peak, and each depth's measure peak against the first depth's
 (measure keeps one layer resident, so the peak must not grow with depth).
 

@@ -8,11 +8,11 @@ from tierquant.stage import stage_main
 
 
 def measure_stage(config: Config) -> None:
-    """Stream the float checkpoint (paths.float) over the calibration set (calibration.*,
-    kept off the eval windows, eval.*) and score every group at measure.candidates
-    (quant.group_size) → paths.measure, and paths.measure_plot (the heatmap's CSV)."""
+    """Stream the original checkpoint (paths.original) over the calibration set
+    (calibration.*, kept off the eval windows, eval.*) and score every group at
+    measure.candidates (quant.group_size) → paths.measure, and paths.measure_plot (the
+    heatmap's CSV)."""
     measure(
-        float_dir=Path(config.paths.float),
         original=Path(config.paths.original),
         calibration=config.calibration,
         eval_config=config.eval,

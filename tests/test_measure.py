@@ -14,7 +14,7 @@ from tierquant.config import CalibrationConfig, EvalConfig
 
 
 @pytest.fixture(scope="module")
-def measured(tiny_original, tiny_float):
+def measured(tiny_original):
     from tierquant.allocate import parse_candidates
     from tierquant.measure import measure_damage
 
@@ -27,7 +27,6 @@ def measured(tiny_original, tiny_float):
         cands,
         measure_damage(
             original_dir=tiny_original,
-            float_dir=tiny_float,
             tokens=tokens,
             candidates=cands,
             batch_size=2,

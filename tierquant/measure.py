@@ -125,15 +125,14 @@ class HeadKL:
 def measure_damage(
     *,
     original_dir: Path,
-    float_dir: Path,
     tokens: np.ndarray,
     candidates: Sequence[Any],
     batch_size: int,
     vocab_chunk: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Group name → {precision label: damage} on `tokens` [N, L] (module docstring), run
-    on the original checkpoint `original_dir`; `float_dir` gives the groups' tensors (the
-    float checkpoint's names and shapes). `candidates`: tierquant.precision.Precision."""
+    on the original checkpoint `original_dir` (its config.json gives the groups' tensors:
+    the float checkpoint's names and shapes). `candidates`: tierquant.precision.Precision."""
     import mlx.core as mx
 
     from .allocate import allocation_groups
@@ -142,7 +141,7 @@ def measure_damage(
     from .precision import BF16
     from .stream import StreamedModel, compute_dtype
 
-    shape = shape_of_checkpoint(float_dir)
+    shape = shape_of_checkpoint(original_dir)
     groups, _ = allocation_groups(shape)
     affine = [p for p in candidates if p.mode == "affine"]
     out: dict[str, dict[str, float]] = {}
@@ -297,7 +296,6 @@ def heatmap_csv(groups: dict[str, dict[str, Any]]) -> str:
 
 def measure(
     *,
-    float_dir: Path,
     original: Path,
     calibration,
     eval_config,
@@ -321,12 +319,11 @@ def measure(
     mx.reset_peak_memory()
     damage = measure_damage(
         original_dir=Path(original),
-        float_dir=Path(float_dir),
         tokens=tokens,
         candidates=precisions,
         batch_size=calibration.batch_size,
     )
-    groups, _ = allocation_groups(shape_of_checkpoint(Path(float_dir)))
+    groups, _ = allocation_groups(shape_of_checkpoint(Path(original)))
     report = {
         "format": MEASURE_FORMAT,
         "measure": MEASURE_NAME,
