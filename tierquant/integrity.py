@@ -35,7 +35,7 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .errors import TierquantError
 from .files import read_json
-from .gptoss import GptOssShape, float_row_sample, mlx_weights
+from .gptoss import float_row_sample, mlx_weights, shape_of_checkpoint
 from .precision import Precision
 from .quantize import ERROR_ROW_STRIDE, MANIFEST
 
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 ERROR_FACTOR = 2.0
 ERROR_FLOOR = 1e-3
+PARTS = ("weight", "scales", "biases")  # an affine-quantized module's tensors
 
 
 class FloatRows:
@@ -50,8 +51,7 @@ class FloatRows:
 
     def __init__(self, original: Checkpoint) -> None:
         self.original = original
-        shape = GptOssShape.from_config(original.config, str(original.root / "config.json"))
-        self.weights = {w.name: w for w in mlx_weights(shape)}
+        self.weights = {w.name: w for w in mlx_weights(shape_of_checkpoint(original.root))}
 
     def __call__(self, name: str) -> np.ndarray:
         weight = self.weights.get(name)
@@ -88,9 +88,6 @@ def _affine_errors(
     mx.eval(err, norm)
     err, norm = np.array(err, dtype=np.float64), np.array(norm, dtype=np.float64)
     return np.where(norm > 0, np.sqrt(err / np.where(norm > 0, norm, 1.0)), np.sqrt(err))
-
-
-PARTS = ("weight", "scales", "biases")
 
 
 def _same_rows(model: Checkpoint, source: FloatRows, name: str) -> bool:
