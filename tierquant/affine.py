@@ -41,8 +41,8 @@ class SliceRing:
 
     A slice's buffer is overwritten `depth` calls later: callers finish every slice's
     work before then. With `depth` = the number of streams the slices go round, both
-    callers do: quantize keeps at most one slice per stream but one in flight when it
-    reads the next, and `quantize_rows` evaluates after each round of the streams."""
+    callers do: quantize reads slice i + depth only once slice i's last op (its error
+    sample) is evaluated, and `quantize_rows` evaluates after each round of the streams."""
 
     def __init__(self, fill: Fill, row_shape: tuple[int, ...], depth: int) -> None:
         self.fill = fill
