@@ -249,12 +249,15 @@ def test_mixed_3_6_matches_mlx_lm_convert(tiny_original, tiny_float, tmp_path):
             assert ours_q[module]["bits"] == entry["bits"], module
 
 
+@pytest.mark.parametrize("error_deferred", [True, False], ids=["cpu-order", "gpu-order"])
 @pytest.mark.parametrize("streams", [2, 3])
 def test_sliced_quantize_on_several_streams_equals_whole_tensor(
-    tiny_float, tiny_original, tmp_path, monkeypatch, streams
+    tiny_float, tiny_original, tmp_path, monkeypatch, streams, error_deferred
 ):
     """Small slices spread over several streams and evaluated asynchronously give the
-    bytes of one `mx.quantize` of the whole tensor, in order (the oracle: mlx-lm's call)."""
+    bytes of one `mx.quantize` of the whole tensor, in order (the oracle: mlx-lm's call),
+    and the error of its sampled rows (the oracle: numpy in float64), whether the error
+    sample is queued with each slice (the GPU's order) or once it is quantized (the CPU's)."""
     import tierquant.affine
     import tierquant.quantize as q
 
@@ -264,6 +267,7 @@ def test_sliced_quantize_on_several_streams_equals_whole_tensor(
         "slice_streams",
         lambda: tuple(mx.new_stream(mx.default_device()) for _ in range(streams)),
     )
+    monkeypatch.setattr(q, "ops_queue_capped", lambda: error_deferred)
     with Checkpoint(tiny_float) as src:
         names = [
             n
@@ -288,4 +292,15 @@ def test_sliced_quantize_on_several_streams_equals_whole_tensor(
                     got = out.read(f"{module}.{suffix}")
                     want = np.array(arr.view(mx.uint16) if suffix != "weight" else arr)
                     np.testing.assert_array_equal(got, want, err_msg=f"{module}.{suffix}")
-                assert 0 < manifest["modules"][module]["rel_rmse"] < 0.2
+                # every ERROR_ROW_STRIDE-th row of each slice (of each expert)
+                sample = (..., slice(None, None, q.ERROR_ROW_STRIDE), slice(None))
+                dq = mx.dequantize(*expected, group_size=64, bits=4).astype(mx.float32)
+                err_sq = ref_sq = 0.0
+                for start, stop in tierquant.affine.slices(whole.shape):
+                    ref = np.array(whole[start:stop][sample].astype(mx.float32), np.float64)
+                    got = np.array(dq[start:stop][sample], np.float64)
+                    err_sq += np.sum((got - ref) ** 2)
+                    ref_sq += np.sum(ref**2)
+                rel_rmse = np.sqrt(err_sq / ref_sq)
+                assert 0 < rel_rmse < 0.2
+                assert manifest["modules"][module]["rel_rmse"] == pytest.approx(rel_rmse, rel=1e-5)

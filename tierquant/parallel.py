@@ -17,6 +17,15 @@ import mlx.core as mx
 MAX_CPU_STREAMS = 4  # pieces in flight at once on the CPU backend (memory: one each)
 
 
+def ops_queue_capped() -> bool:
+    """Whether queueing many ops makes `mx.async_eval` wait: on the CPU backend every op is
+    a task of MLX's scheduler, and `async_eval` waits while more than 10 are queued (its
+    MAX_ACTIVE_TASKS), so a dozen small ops queued behind a long one on each stream keep
+    the caller waiting on the first stream while the second idles. On a GPU ops are
+    batched into command buffers, and it is the buffers that count."""
+    return mx.default_device() == mx.cpu
+
+
 @functools.cache
 def slice_streams() -> tuple[mx.Stream, ...]:
     """One stream per core on the CPU backend (at least 2, at most MAX_CPU_STREAMS), the

@@ -43,7 +43,7 @@ from .gptoss import (
 )
 from .mxfp4 import GROUP_SIZE as MXFP4_GROUP
 from .mxfp4 import NAN_SCALE
-from .parallel import slice_streams
+from .parallel import ops_queue_capped, slice_streams
 from .plan import read_plan
 from .precision import Precision, check_quantizable
 
@@ -199,50 +199,63 @@ def _quantize_affine(
 
     The error is measured on every ERROR_ROW_STRIDE-th row (of every expert): exact
     for those rows, an estimate for the tensor, at a fraction of the cost of
-    dequantizing everything (which would make this stage about 4x slower). Its dozen
-    small ops are queued only once the slice is quantized: MLX makes `async_eval` wait
-    while more than 10 ops are queued (its MAX_ACTIVE_TASKS), and queued up front with
-    the quantization they held this thread there while a stream stood idle (measured:
-    1.5 of 2 cores busy, a quarter of the stage spent in `async_eval`).
+    dequantizing everything (which would make this stage about 4x slower). On the CPU
+    its dozen small ops are queued only once the slice is quantized
+    (`parallel.ops_queue_capped`: queued with the quantization they held this thread in
+    `async_eval` while a stream stood idle, measured 1.5 of 2 cores busy); on a GPU they
+    are queued with it, so the GPU is never idle while the next slice is read.
     """
     err_sq = 0.0
     ref_sq = 0.0
     module = w.module
     g, bits = precision.group_size, precision.bits
     bounds = slices(w.shape)
-    in_flight: deque[tuple[mx.Stream, mx.array, tuple[mx.array, mx.array, mx.array]]] = deque()
+    defer_error = ops_queue_capped()
+    in_flight: deque[tuple[mx.Stream, mx.array, tuple[mx.array, ...], tuple[mx.array, ...]]]
+    in_flight = deque()
+
+    def error_sample(x: mx.array, wq: mx.array, scales: mx.array, biases: mx.array):
+        """(squared error, squared reference) sums of the sampled rows, and the scales and
+        biases as uint16 for numpy (a view is an op too: made later, on the default stream,
+        it would queue behind a slice)."""
+        sample = (..., slice(None, None, ERROR_ROW_STRIDE), slice(None))
+        dq = mx.dequantize(wq[sample], scales[sample], biases[sample], group_size=g, bits=bits)
+        x32 = x[sample].astype(mx.float32)
+        diff = dq.astype(mx.float32) - x32
+        return (
+            mx.sum(diff * diff),
+            mx.sum(x32 * x32),
+            scales.view(mx.uint16),
+            biases.view(mx.uint16),
+        )
 
     def submit(i: int) -> None:
         x = rows(*bounds[i])
         stream = streams[i % len(streams)]
         with mx.stream(stream):
-            outputs = mx.quantize(x, group_size=g, bits=bits)
-        mx.async_eval(*outputs)
-        in_flight.append((stream, x, outputs))
+            quantized = mx.quantize(x, group_size=g, bits=bits)
+            sampled = () if defer_error else error_sample(x, *quantized)
+        mx.async_eval(*quantized, *sampled)
+        in_flight.append((stream, x, quantized, sampled))
 
     for i in range(min(len(streams), len(bounds))):
         submit(i)
     for i in range(len(bounds)):
-        stream, x, (wq, scales, biases) = in_flight.popleft()
-        with mx.stream(stream):
-            sample = (..., slice(None, None, ERROR_ROW_STRIDE), slice(None))
-            dq = mx.dequantize(wq[sample], scales[sample], biases[sample], group_size=g, bits=bits)
-            x32 = x[sample].astype(mx.float32)
-            diff = dq.astype(mx.float32) - x32
-            e, r = mx.sum(diff * diff), mx.sum(x32 * x32)
-            # bf16 bits as uint16 for numpy (a view is an op too: made here, on the slice's
-            # stream; made later, on the default stream, it would queue behind a slice).
-            scales, biases = scales.view(mx.uint16), biases.view(mx.uint16)
-        mx.async_eval(e, r, scales, biases)
+        stream, x, (wq, scales, biases), sampled = in_flight.popleft()
+        if not sampled:
+            with mx.stream(stream):
+                sampled = error_sample(x, wq, scales, biases)
+            mx.async_eval(*sampled)
+        e, r, scales16, biases16 = sampled
         err_sq += e.item()
         ref_sq += r.item()
         nbytes = x.nbytes
-        del x, dq, x32, diff  # x's buffer is free: the next slice is read into it
+        del x, sampled  # x's buffer is free: the next slice is read into it
         if i + len(streams) < len(bounds):
             submit(i + len(streams))
         writer.write(f"{module}.weight", np.array(wq, copy=False))
-        writer.write(f"{module}.scales", np.array(scales, copy=False))
-        writer.write(f"{module}.biases", np.array(biases, copy=False))
+        writer.write(f"{module}.scales", np.array(scales16, copy=False))
+        writer.write(f"{module}.biases", np.array(biases16, copy=False))
         bar.update(nbytes)
     return math.sqrt(err_sq / ref_sq) if ref_sq else 0.0
 
