@@ -7,6 +7,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -106,6 +107,14 @@ def copy_checkout(dest: Path, source: Path = REPO) -> Path:
     for cmd in (["git", "init", "-q"], [*git, "add", "-A"], [*git, "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
     return dest
+
+
+def scratch_dir(prefix: str, workdir: str | Path | None) -> Path:
+    """A fresh folder for one run's files under `workdir` (created if missing; the system
+    temp folder when None). Left in place for the caller to remove."""
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
 
 
 def dir_bytes(path: Path) -> int:

@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from common import VENV_BIN, dir_bytes, gb, run_measured
+from common import VENV_BIN, dir_bytes, gb, run_measured, scratch_dir
 
 PY = sys.executable
 
@@ -110,7 +109,7 @@ def main() -> None:
         "--workdir", type=Path, default=None, help="scratch folder (needs ~25 GB for 2 wide layers)"
     )
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="tq-bench-convert-", dir=args.workdir))
+    work = scratch_dir("tq-bench-convert-", args.workdir)
     try:
         rows = [bench_one("tiny", "tiny", None, work)]
         if not args.no_wide:

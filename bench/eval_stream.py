@@ -26,10 +26,9 @@ import platform
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from common import gb, run_measured
+from common import gb, run_measured, scratch_dir
 
 PY = sys.executable
 
@@ -95,7 +94,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    work = Path(tempfile.mkdtemp(prefix="tq-bench-eval-", dir=args.workdir))
+    work = scratch_dir("tq-bench-eval-", args.workdir)
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}")
     try:
         import numpy as np

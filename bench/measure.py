@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import platform
 import shutil
-import tempfile
 from pathlib import Path
 
-from common import VENV_BIN, gb, run_measured
+from common import VENV_BIN, gb, run_measured, scratch_dir
 from pipeline import prepare_clone, stage_peaks, stage_times
 
 
@@ -27,7 +26,7 @@ def main() -> None:
     parser.add_argument("--model", default="wide", help="conf/model entry (default wide)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="tq-bench-measure-", dir=args.workdir))
+    work = scratch_dir("tq-bench-measure-", args.workdir)
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}")
     rows = []
     try:

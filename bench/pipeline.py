@@ -42,10 +42,9 @@ import platform
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from common import VENV_BIN, Measured, copy_checkout, dir_bytes, gb, run_measured
+from common import VENV_BIN, Measured, copy_checkout, dir_bytes, gb, run_measured, scratch_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -411,7 +410,7 @@ def main() -> None:
         "the ratios)",
     )
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="tq-bench-pipeline-", dir=args.workdir))
+    work = scratch_dir("tq-bench-pipeline-", args.workdir)
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}")
     results = []
     try:

@@ -26,11 +26,11 @@ import argparse
 import hashlib
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import scratch_dir
 
 
 def write_checkpoints(original: Path, float_dir: Path, experts: int, name: str) -> None:
@@ -185,7 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     from tierquant.affine import slice_streams
 
-    work = Path(tempfile.mkdtemp(prefix="tq-bench-quantize-", dir=args.workdir))
+    work = scratch_dir("tq-bench-quantize-", args.workdir)
     name = "model.layers.0.mlp.experts.down_proj.weight"
     try:
         original, folder = work / "original", work / "float"

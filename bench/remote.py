@@ -27,10 +27,9 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from common import REPO, VENV_BIN, dir_bytes, gb, run_measured
+from common import REPO, VENV_BIN, dir_bytes, gb, run_measured, scratch_dir
 from pipeline import prepare_clone
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -64,7 +63,7 @@ def main() -> None:
         "(moto fails multipart uploads of multi-GB objects: see MOTO_JOBS)",
     )
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="tq-remote-", dir=args.workdir))
+    work = scratch_dir("tq-remote-", args.workdir)
     for name in [n for n in os.environ if n.startswith("AWS_")]:
         del os.environ[name]
     dvc = str(VENV_BIN / "dvc")
