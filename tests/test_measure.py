@@ -136,3 +136,45 @@ def test_candidate_modules_hold_the_quantize_stages_bytes(tiny_original, tiny_fl
     for key, arr in zip(("weight", "scales", "biases"), want, strict=True):
         assert mx.array_equal(module[key], arr).item(), key
     assert module.bits == 3 and "bias" in module
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["experts.gate_proj", "self_attn.q_proj"])
+def test_quantize_rows_in_small_slices_equals_one_quantize(
+    tiny_original, tiny_float, monkeypatch, streams, kind
+):
+    """measure's `quantize_rows` over many small slices on 1–3 streams (expert slices
+    decoded into SliceRing buffers that are reused while others are in flight) gives the
+    bytes of one `mx.quantize` of the whole float tensor (the oracle: MLX's own call)."""
+    import mlx.core as mx
+
+    import tierquant.affine
+    from tierquant.checkpoint import Checkpoint
+    from tierquant.gptoss import mlx_weights, shape_of_checkpoint
+    from tierquant.measure import candidate_rows
+    from tierquant.precision import parse_precision
+    from tierquant.stream import StreamedModel
+
+    pool = tuple(mx.new_stream(mx.default_device()) for _ in range(streams))
+    monkeypatch.setattr(tierquant.affine, "SLICE_BYTES", 3000)  # a few rows or one expert
+    monkeypatch.setattr(tierquant.affine, "slice_streams", lambda: pool)
+    monkeypatch.setattr(tierquant.parallel, "slice_streams", lambda: pool)
+    weight = next(
+        w
+        for w in mlx_weights(shape_of_checkpoint(tiny_float))
+        if w.layer == 2 and w.name.endswith(f"{kind}.weight")
+    )
+    p = parse_precision(4, "tiers.t")
+    with (
+        StreamedModel(tiny_original, compute_dtype="float32") as sm,
+        Checkpoint(tiny_original) as original,
+        Checkpoint(tiny_float) as f,
+    ):
+        rows = candidate_rows(weight, original=original, weights=sm.layer_weights(2))
+        assert len(tierquant.affine.slices(weight.shape)) > 2 * streams
+        got = tierquant.affine.quantize_rows(rows, weight.shape, p)
+        whole = mx.array(f.read(weight.name)).view(mx.bfloat16)
+    want = mx.quantize(whole, group_size=p.group_size, bits=p.bits)
+    for key, a, b in zip(("weight", "scales", "biases"), got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, key
+        assert mx.array_equal(a, b).item(), key
