@@ -19,17 +19,17 @@ import sys
 import time
 from pathlib import Path
 
-from tierquant.assemble import assemble_model
-from tierquant.autoplan import auto_plan
+from tierquant.build.assemble import assemble_model
+from tierquant.build.quantize import quantize_tier
+from tierquant.check.validate import validate_model
 from tierquant.config import ValidateConfig, compose, validate
-from tierquant.convert import convert_checkpoint
-from tierquant.evaluate import build_reference
-from tierquant.measure import measure
-from tierquant.plan import plan, read_plan
-from tierquant.predict import predict
-from tierquant.quantize import quantize_tier
-from tierquant.synthetic import write_synthetic_checkpoint
-from tierquant.validate import validate_model
+from tierquant.plan.autoplan import auto_plan
+from tierquant.plan.handplan import plan, read_plan
+from tierquant.plan.predict import predict
+from tierquant.quality.evaluate import build_reference
+from tierquant.quality.measure import measure
+from tierquant.source.convert import convert_checkpoint
+from tierquant.source.synthetic import write_synthetic_checkpoint
 
 HAND = {"seed": [], "mixed_3_6": ["recipe=mixed_3_6"]}
 

@@ -27,7 +27,7 @@ def synthesize(dest: Path, model: str, layers: int | None) -> None:
     )
     code = (
         "import sys; from tierquant.config import compose, validate; "
-        "from tierquant.synthetic import write_synthetic_checkpoint; "
+        "from tierquant.source.synthetic import write_synthetic_checkpoint; "
         "c = validate(compose(sys.argv[2:])); "
         "import pathlib; p = pathlib.Path(sys.argv[1]); p.mkdir(); "
         "write_synthetic_checkpoint(p, c.model.synthetic)"

@@ -8,9 +8,9 @@ the two evaluations both ways, each in its own process, alternating, `--trials` 
   validate   the per-token comparison of a model with that reference (the model is the
              original itself: the mxfp4 checkpoint, the largest layers a model has)
 
-  streamed   tierquant.evaluate (streamed_reference / streamed_token_stats): one
+  streamed   tierquant.quality.evaluate (streamed_reference / streamed_token_stats): one
              decoder layer resident
-  whole      tierquant.oracle: stock mlx_lm.load, one forward per batch, full logits
+  whole      tests/oracle.py: stock mlx_lm.load, one forward per batch, full logits
 
 It prints each run's wall time (model load + evaluation, measured inside the process)
 and peak RSS of the process, and per evaluation the ratios streamed / whole.
@@ -31,13 +31,16 @@ from pathlib import Path
 from common import gb, run_measured, scratch_dir
 
 PY = sys.executable
+TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 CHILD = """
 import sys, time
 from pathlib import Path
 import numpy as np
-from tierquant import evaluate, oracle
-from tierquant.stream import compute_dtype
+from tierquant.quality import evaluate
+sys.path.insert(0, sys.argv[8])  # tests/: the whole-model oracle lives with the tests
+import oracle
+from tierquant.quality.stream import compute_dtype
 original, tokens_file, task, path, top_k, batch, ref_dir = sys.argv[1:8]
 tokens = np.load(tokens_file)
 top_k, batch = int(top_k), int(batch)
@@ -67,8 +70,8 @@ print(f"EVAL_SECONDS {time.perf_counter() - start:.4f} PPL {value:.7g}")
 
 def synthesize(work: Path, model: str, layers: int | None):
     from tierquant.config import compose, validate
-    from tierquant.evalset import eval_windows
-    from tierquant.synthetic import write_synthetic_checkpoint
+    from tierquant.quality.evalset import eval_windows
+    from tierquant.source.synthetic import write_synthetic_checkpoint
 
     overrides = [f"model={model}"]
     if layers is not None:
@@ -113,7 +116,7 @@ def main() -> None:
                 order = ("streamed",) if args.streamed_only else order
                 for path in order:  # the streamed reference first: validate reads it
                     argv = [str(original), str(tokens_file), task, path]
-                    argv += [str(ev.top_k), str(ev.batch_size), str(ref_dir)]
+                    argv += [str(ev.top_k), str(ev.batch_size), str(ref_dir), str(TESTS)]
                     if task == "reference" and path == "streamed" and ref_dir.exists():
                         shutil.rmtree(ref_dir)
                     m = run_measured([PY, "-c", CHILD, *argv])

@@ -1,4 +1,4 @@
-"""Benchmark MXFP4 -> bf16 decoding: tierquant.mxfp4 vs mx.dequantize vs a naive numpy lookup.
+"""Benchmark MXFP4 -> bf16 decoding: tierquant.core.mxfp4 vs mx.dequantize vs a naive numpy lookup.
 
 All three decode the same random input (default: 4 experts of gpt-oss-120b gate_up, blocks
 [5760, 90, 16]) and are checked to agree bit for bit; throughput is GB/s of bf16 output,
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tierquant.mxfp4 import FP4_VALUES, default_threads, dequantize_to_bf16_bits
+from tierquant.core.mxfp4 import FP4_VALUES, default_threads, dequantize_to_bf16_bits
 
 
 def naive_numpy(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:

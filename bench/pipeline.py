@@ -61,8 +61,8 @@ import sys
 from pathlib import Path
 from mlx_lm.convert import convert
 from tierquant.config import compose, validate
-from tierquant.gptoss import shape_of_checkpoint
-from tierquant.plan import plan_tiers
+from tierquant.core.gptoss import shape_of_checkpoint
+from tierquant.plan.handplan import plan_tiers
 
 float_dir, out = sys.argv[1], sys.argv[2]
 config = validate(compose())  # run inside the clone: its conf/ (model=wide, N layers)
@@ -108,8 +108,8 @@ def step_row(name: str, m: Measured) -> dict:
 
 def stream_bound(repo: Path, checkpoint: str, baseline: int) -> dict:
     """The memory bound of a streamed evaluation of data/<checkpoint> (see the docstring)."""
-    from tierquant.checkpoint import Checkpoint
-    from tierquant.stream import vocab_chunk_for
+    from tierquant.core.checkpoint import Checkpoint
+    from tierquant.quality.stream import vocab_chunk_for
 
     with Checkpoint(repo / "data" / checkpoint) as ckpt:
         layers: dict[int, int] = {}
@@ -154,7 +154,7 @@ def _eval_params(repo: Path) -> dict:
 
 def import_baseline() -> int:
     """Peak RSS of an interpreter that imports what the evaluation stages import."""
-    code = "import mlx.core, mlx_lm.utils, mlx_lm.models.gpt_oss, tierquant.evaluate"
+    code = "import mlx.core, mlx_lm.utils, mlx_lm.models.gpt_oss, tierquant.quality.evaluate"
     return run_measured([PY, "-c", code]).peak_rss
 
 

@@ -8,7 +8,7 @@ decode to a float checkpoint (what convert writes), then on them:
              read (the original's MXFP4 rows -> numpy), decode (convert's decoder,
              straight into MLX's memory), mx.quantize, the error sample (every 16th row
              dequantized and compared), write (numpy views -> the shard)
-  ours x1    tierquant.quantize.quantize_tier with one stream (slices in order)
+  ours x1    tierquant.build.quantize.quantize_tier with one stream (slices in order)
   ours       quantize_tier as the stage runs it: slices spread over slice_streams()
              (one per core on the CPU), reads and writes overlapping the work
   mlx-lm     what `mlx_lm.convert -q` does per tensor of the float checkpoint: mx.load
@@ -39,11 +39,11 @@ def write_checkpoints(original: Path, float_dir: Path, experts: int, name: str) 
     with `experts` experts at gpt-oss-120b's widths (what quantize_tier reads shapes from)."""
     from dataclasses import replace
 
-    from tierquant.checkpoint import ShardedWriter, TensorSpec
     from tierquant.config import compose, validate
-    from tierquant.files import write_json
-    from tierquant.mxfp4 import dequantize_to_bf16_bits
-    from tierquant.synthetic import config_json
+    from tierquant.core.checkpoint import ShardedWriter, TensorSpec
+    from tierquant.core.files import write_json
+    from tierquant.core.mxfp4 import dequantize_to_bf16_bits
+    from tierquant.source.synthetic import config_json
 
     wide = validate(compose(["model=wide"])).model.synthetic
     config = config_json(replace(wide, num_hidden_layers=1, num_local_experts=experts))
@@ -76,11 +76,12 @@ def write_checkpoints(original: Path, float_dir: Path, experts: int, name: str) 
 def profile(original: Path, name: str, bits: int) -> dict[str, float]:
     import mlx.core as mx
 
-    from tierquant.affine import SliceRing, slices
-    from tierquant.checkpoint import Checkpoint
-    from tierquant.gptoss import mlx_weights, mxfp4_source, shape_of_checkpoint
-    from tierquant.mxfp4 import dequantize_to_bf16_bits
-    from tierquant.quantize import ERROR_ROW_STRIDE
+    from tierquant.build.quantize import ERROR_ROW_STRIDE
+    from tierquant.core.affine import SliceRing, slices
+    from tierquant.core.checkpoint import Checkpoint
+    from tierquant.core.floatrows import mxfp4_source
+    from tierquant.core.gptoss import mlx_weights, shape_of_checkpoint
+    from tierquant.core.mxfp4 import dequantize_to_bf16_bits
 
     weight = next(w for w in mlx_weights(shape_of_checkpoint(original)) if w.name == name)
     blocks_name, scales_name, _ = mxfp4_source(weight)
@@ -126,8 +127,8 @@ def ours(
 ) -> float:
     import mlx.core as mx
 
-    import tierquant.quantize as q
-    from tierquant.precision import parse_precision
+    import tierquant.build.quantize as q
+    from tierquant.core.precision import parse_precision
 
     default = q.slice_streams
     if streams is not None:
@@ -161,7 +162,7 @@ def mlx_lm_way(folder: Path, out: Path, name: str, bits: int) -> float:
 
 def check_same_bytes(ours_dir: Path, mlx_dir: Path, name: str) -> None:
     """Ours (from the MXFP4) and mlx-lm's way (from the float) wrote the same tensors."""
-    from tierquant.checkpoint import Checkpoint
+    from tierquant.core.checkpoint import Checkpoint
 
     module = name.removesuffix(".weight")
     with Checkpoint(ours_dir) as a, Checkpoint(mlx_dir) as b:
@@ -183,7 +184,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    from tierquant.affine import slice_streams
+    from tierquant.core.affine import slice_streams
 
     work = scratch_dir("tq-bench-quantize-", args.workdir)
     name = "model.layers.0.mlp.experts.down_proj.weight"

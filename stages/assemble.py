@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from tierquant.assemble import assemble_model
+from tierquant.build.assemble import assemble_model
 from tierquant.config import Config
 from tierquant.stage import stage_main
 

@@ -8,9 +8,9 @@ and the headline metrics metrics/headline/<variant>.json (tok/s at the first con
 import sys
 from pathlib import Path
 
-from tierquant.bench import VARIANTS, benchmark
 from tierquant.config import Config
-from tierquant.headline import write_speed_headline
+from tierquant.report.benchmark import VARIANTS, benchmark
+from tierquant.report.headline import write_speed_headline
 from tierquant.stage import stage_main
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from tierquant.card import CardInputs, SourceModel, build_card, default_repo_id
 from tierquant.config import Config
-from tierquant.provenance import build_provenance, config_dict
+from tierquant.report.card import CardInputs, SourceModel, build_card, default_repo_id
+from tierquant.report.provenance import build_provenance, config_dict
 from tierquant.stage import stage_main
 
 

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from tierquant.config import Config
-from tierquant.convert import convert_checkpoint
+from tierquant.source.convert import convert_checkpoint
 from tierquant.stage import stage_main
 
 

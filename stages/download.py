@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from tierquant.config import Config
-from tierquant.download import download
+from tierquant.source.download import download
 from tierquant.stage import stage_main
 
 

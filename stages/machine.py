@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from tierquant.config import Config
-from tierquant.machine import write_machine
+from tierquant.report.machine import write_machine
 from tierquant.stage import stage_main
 
 

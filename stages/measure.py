@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from tierquant.config import Config
-from tierquant.measure import measure
+from tierquant.quality.measure import measure
 from tierquant.stage import stage_main
 
 

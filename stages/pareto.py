@@ -4,7 +4,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tierquant.config import Config
-from tierquant.pareto import pareto_point
+from tierquant.report.pareto import pareto_point
 from tierquant.stage import stage_main
 
 

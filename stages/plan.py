@@ -1,13 +1,13 @@
 """plan: data/original's config + headers and the recipe → data/plan/<tier>.json.
 
 recipe=auto (`recipe.allocate`): each allocation group's precision from data/measure and
-`budget` instead of rules (tierquant.autoplan)."""
+`budget` instead of rules (tierquant.plan.autoplan)."""
 
 from pathlib import Path
 
-from tierquant.autoplan import auto_plan
 from tierquant.config import Config
-from tierquant.plan import plan
+from tierquant.plan.autoplan import auto_plan
+from tierquant.plan.handplan import plan
 from tierquant.stage import stage_main
 
 

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from tierquant.config import Config
-from tierquant.predict import predict
+from tierquant.plan.predict import predict
 from tierquant.stage import stage_main
 
 

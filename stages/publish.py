@@ -3,10 +3,10 @@
 
 from pathlib import Path
 
-from tierquant.card import default_repo_id
 from tierquant.config import Config
-from tierquant.provenance import build_provenance, config_dict
-from tierquant.publish import Build, Target, publish
+from tierquant.report.card import default_repo_id
+from tierquant.report.provenance import build_provenance, config_dict
+from tierquant.report.publish import Build, Target, publish
 from tierquant.stage import stage_main
 
 

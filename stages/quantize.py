@@ -7,8 +7,8 @@ Run by hand as `python stages/quantize.py tier=experts [key=value ...]`.
 
 from pathlib import Path
 
+from tierquant.build.quantize import quantize
 from tierquant.config import Config
-from tierquant.quantize import quantize
 from tierquant.stage import stage_main
 
 

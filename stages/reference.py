@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from tierquant.config import Config
-from tierquant.evaluate import build_reference
+from tierquant.quality.evaluate import build_reference
 from tierquant.stage import stage_main
 
 

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
+from tierquant.check.validate import validate_model
 from tierquant.config import Config
-from tierquant.headline import write_quality_headline
+from tierquant.report.headline import write_quality_headline
 from tierquant.stage import stage_main
-from tierquant.validate import validate_model
 
 
 def validate(config: Config) -> None:

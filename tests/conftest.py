@@ -29,7 +29,7 @@ def tiny_spec(**changes) -> SyntheticConfig:
 @pytest.fixture(scope="session")
 def tiny_original(tmp_path_factory) -> Path:
     """data/original of the default tiny model (read-only: copy before changing)."""
-    from tierquant.synthetic import write_synthetic_checkpoint
+    from tierquant.source.synthetic import write_synthetic_checkpoint
 
     out = tmp_path_factory.mktemp("tiny") / "original"
     out.mkdir()
@@ -40,7 +40,7 @@ def tiny_original(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_float(tiny_original, tmp_path_factory) -> Path:
     """data/float of the tiny model (read-only)."""
-    from tierquant.convert import convert_checkpoint
+    from tierquant.source.convert import convert_checkpoint
 
     out = tmp_path_factory.mktemp("float") / "float"
     convert_checkpoint(tiny_original, out, max_shard_bytes=2_000_000)
@@ -50,10 +50,10 @@ def tiny_float(tiny_original, tmp_path_factory) -> Path:
 def build_model(root: Path, original: Path, float_dir: Path, overrides: list[str] = ()):
     """plan → quantize every tier → assemble, in-process, under `root`; returns
     (config, model dir, size metrics)."""
-    from tierquant.assemble import assemble_model
+    from tierquant.build.assemble import assemble_model
+    from tierquant.build.quantize import quantize_tier
     from tierquant.config import compose, validate
-    from tierquant.plan import plan, read_plan
-    from tierquant.quantize import quantize_tier
+    from tierquant.plan.handplan import plan, read_plan
 
     config = validate(compose(list(overrides)))
     tiers = config.precisions()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.conftest import PYTHON, REPO
-from tierquant.checkpoint import INDEX_NAME, NUMPY_DTYPES, read_header
+from tierquant.core.checkpoint import INDEX_NAME, NUMPY_DTYPES, read_header
 
 SHIM = REPO / "tests" / "faultshim.py"
 

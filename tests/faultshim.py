@@ -53,7 +53,7 @@ def _no_space() -> OSError:
 def _install(mode: str, seconds: float) -> None:
     import pathlib
 
-    from tierquant import checkpoint
+    from tierquant.core import checkpoint
 
     calls = {"write": 0}
     original_write = checkpoint.ShardedWriter.write

@@ -7,11 +7,11 @@ import os
 import struct
 from pathlib import Path
 
-from tierquant.checkpoint import INDEX_NAME, plan_shards, shard_name
 from tierquant.config import SyntheticConfig
-from tierquant.files import write_json
-from tierquant.gptoss import GptOssShape, hf_tensor_specs
-from tierquant.synthetic import config_json
+from tierquant.core.checkpoint import INDEX_NAME, plan_shards, shard_name
+from tierquant.core.files import write_json
+from tierquant.core.gptoss import GptOssShape, hf_tensor_specs
+from tierquant.source.synthetic import config_json
 
 REAL_SIZES = {
     "gpt-oss-120b": {"num_hidden_layers": 36, "num_local_experts": 128},

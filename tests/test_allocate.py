@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from tests.headers import real_spec, write_header_only_checkpoint
-from tierquant import allocate, footprint
-from tierquant.budget import resolve_budget
 from tierquant.config import BenchmarkConfig, BudgetConfig, FitBudgetConfig, compose, validate
+from tierquant.core.gptoss import shape_of_checkpoint
 from tierquant.errors import TierquantError
-from tierquant.gptoss import shape_of_checkpoint
+from tierquant.plan.budget import resolve_budget
+from tierquant.plan.handplan import allocate, footprint
 
 
 def brute_force(options, max_bytes, min_bytes=None):
@@ -66,7 +66,7 @@ def test_exact_dp_equals_brute_force(seed):
 @pytest.mark.parametrize("seed", range(12))
 def test_rounded_dp_never_exceeds_and_is_within_its_proven_gap(seed):
     """Coarse units: the size stays within budget, and the damage lies between the exact
-    optimum at B and the exact optimum at B − G·(r − 1) (tierquant.allocate's bound)."""
+    optimum at B and the exact optimum at B − G·(r − 1) (tierquant.plan.allocate's bound)."""
     rng = random.Random(100 + seed)
     options = instance(rng)
     lo = sum(min(b for b, _ in o) for o in options)
@@ -90,8 +90,8 @@ def test_no_fit_is_an_error_naming_the_budget():
 
 
 def test_groups_cover_the_matrices_once():
-    from tierquant.gptoss import GptOssShape
-    from tierquant.synthetic import config_json
+    from tierquant.core.gptoss import GptOssShape
+    from tierquant.source.synthetic import config_json
 
     spec = validate(compose()).model.synthetic
     shape = GptOssShape.from_config(config_json(spec))
@@ -116,8 +116,8 @@ def gpt_oss_120b(tmp_path_factory) -> Path:
 def _fake_measure(out: Path, original: Path, group_size: int = 64) -> Path:
     """A damage table shaped like the measure stage's, damage 4^-bits × size (no model
     run: these tests are about the budget arithmetic on real shapes)."""
-    from tierquant.allocate import DAMAGE, MEASURE_FORMAT
-    from tierquant.precision import parse_precision
+    from tierquant.core.precision import parse_precision
+    from tierquant.plan.allocate import DAMAGE, MEASURE_FORMAT
 
     shape = shape_of_checkpoint(original)
     groups, _ = allocate.allocation_groups(shape)
@@ -146,8 +146,8 @@ def _fake_measure(out: Path, original: Path, group_size: int = 64) -> Path:
 
 
 def test_fit_64gib_32k_on_gpt_oss_120b_fits_the_raised_limit(gpt_oss_120b, tmp_path):
-    from tierquant.autoplan import auto_plan
-    from tierquant.predict import predict
+    from tierquant.plan.autoplan import auto_plan
+    from tierquant.plan.predict import predict
 
     cfg = validate(compose(["model=gpt-oss-120b"]))
     measure_dir = _fake_measure(tmp_path / "measure", gpt_oss_120b)
@@ -179,7 +179,7 @@ def test_fit_64gib_32k_on_gpt_oss_120b_fits_the_raised_limit(gpt_oss_120b, tmp_p
     assert weights + kv <= limit
     assert limit - (weights + kv) < 0.01 * limit  # the budget is used, not wasted
     # ... and the card states it, from the same prediction file
-    from tierquant.card import _allocation
+    from tierquant.report.card import _allocation
 
     card = _allocation(json.loads((tmp_path / "predicted.json").read_text()))
     assert card["budget"] == "fit a 64 GB Mac with a 32,768-token context (raised wired limit)"
@@ -197,7 +197,7 @@ def test_fit_64gib_32k_on_gpt_oss_120b_fits_the_raised_limit(gpt_oss_120b, tmp_p
 
 @pytest.mark.parametrize("bpw", [3.0, 3.3, 3.557, 4.5])
 def test_bits_per_weight_budget_is_met_within_0_01(gpt_oss_120b, tmp_path, bpw):
-    from tierquant.autoplan import auto_plan
+    from tierquant.plan.autoplan import auto_plan
 
     cfg = validate(compose(["model=gpt-oss-120b"]))
     report = auto_plan(
@@ -228,7 +228,7 @@ def test_budget_needs_exactly_one_and_names_keys():
 
 
 def test_auto_recipe_config_errors_name_the_key(tiny_original, tmp_path):
-    from tierquant.autoplan import auto_plan
+    from tierquant.plan.autoplan import auto_plan
 
     with pytest.raises(TierquantError, match="recipe.tiers must be empty"):
         validate(compose(["recipe=auto", "+recipe.tiers.x=[{kinds: [norm]}]"]))

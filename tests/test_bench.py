@@ -14,15 +14,16 @@ import pytest
 
 from tests.conftest import run_stage
 from tests.headers import real_spec
-from tierquant import bench, footprint
-from tierquant.checkpoint import Checkpoint, TensorSpec
 from tierquant.config import BenchmarkConfig, compose, validate
+from tierquant.core.checkpoint import Checkpoint, TensorSpec
+from tierquant.core.files import read_json, write_json
+from tierquant.core.gptoss import GptOssShape, Weight, hf_tensor_specs, mlx_weights
 from tierquant.errors import TierquantError
-from tierquant.files import read_json, write_json
-from tierquant.gptoss import GptOssShape, Weight, hf_tensor_specs, mlx_weights
-from tierquant.machine import machine_info, write_machine
-from tierquant.recipe import assign
-from tierquant.synthetic import config_json
+from tierquant.plan.handplan import footprint
+from tierquant.plan.recipe import assign
+from tierquant.report import benchmark as bench
+from tierquant.report.machine import machine_info, write_machine
+from tierquant.source.synthetic import config_json
 
 QUICK = {"contexts": [64, 128], "generate_tokens": 8, "trials": 1, "warmup": 1, "probe_mib": 64}
 
@@ -134,7 +135,7 @@ def precision_specs(
 
 
 def recipe_bits(config, shape: GptOssShape) -> Callable[[Weight], Fraction]:
-    """bits_of for `precision_specs` from the config's recipe and tiers (tierquant.recipe)."""
+    """bits_of for `precision_specs` from the config's recipe and tiers (tierquant.plan.recipe)."""
     precisions = config.precisions()
     tiers = assign(mlx_weights(shape), config.recipe, shape.num_hidden_layers)
     tier_of = {w.name: tier for tier, weights in tiers.items() for w in weights}

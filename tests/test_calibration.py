@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tierquant import calibration
 from tierquant.config import CalibrationConfig, EvalConfig, compose, validate
 from tierquant.errors import TierquantError
+from tierquant.quality import calibration
 
 
 def _positions(tokens_len: int, starts: list[int], length: int) -> set[int]:
@@ -32,7 +32,7 @@ def test_windows_between_eval_windows_are_disjoint(n_tokens):
 
 
 def test_default_calibration_is_disjoint_from_default_eval_on_the_bundled_corpus(tiny_original):
-    from tierquant.evalset import eval_windows, load_eval_text, tokenize
+    from tierquant.quality.evalset import eval_windows, load_eval_text, tokenize
 
     config = validate(compose())
     assert calibration.same_text(config.calibration, config.eval)

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from stages.card import run as build_card  # the stage's call of tierquant.card.build_card
+from stages.card import run as build_card  # the stage's call of tierquant.report.card.build_card
 from tests.conftest import build_model
-from tierquant.bench import VARIANTS, Measured, benchmark_report, write_benchmark
-from tierquant.card import TEMPLATE, layer_ranges, module_summary
 from tierquant.config import compose, validate
-from tierquant.provenance import config_dict, override_value, params_diff, repro_command
+from tierquant.report.benchmark import VARIANTS, Measured, benchmark_report, write_benchmark
+from tierquant.report.card import TEMPLATE, layer_ranges, module_summary
+from tierquant.report.provenance import config_dict, override_value, params_diff, repro_command
 
 ROOT = Path(__file__).resolve().parents[1]
 QUALITY = {
@@ -75,7 +75,7 @@ MACHINE = {"cpu": "Test CPU", "backend": "cpu", "memory_gib": 24}
 
 
 def _write_bench(out_dir: Path, variant: str, model_dir: Path, gen: float) -> dict:
-    """Write benchmark files with tierquant.bench's own report and writer, from chosen
+    """Write benchmark files with tierquant.report.benchmark's own report and writer, from chosen
     measurements (the tables are computed from `model_dir`'s headers); the metrics."""
     cfg = replace(validate(compose()).benchmark, **BENCH)  # conf/'s chips
     k = {128: 1, 512: 2}

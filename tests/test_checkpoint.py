@@ -10,9 +10,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from tierquant.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter, TensorSpec, read_header
+from tierquant.core.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter, TensorSpec, read_header
+from tierquant.core.files import atomic_output
 from tierquant.errors import TierquantError
-from tierquant.files import atomic_output
 
 
 def _write(tmp_path, arrays: dict[str, np.ndarray], max_shard_bytes=64, **kw):

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import PYTHON, REPO, run, run_stage
 from tierquant import cli
 from tierquant.dvccache import verify_cache
-from tierquant.headline import COLUMNS, quality_headline, speed_headline
+from tierquant.report.headline import COLUMNS, quality_headline, speed_headline
 
 
 def test_stage_list_matches_the_stage_scripts():

@@ -9,10 +9,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from tierquant.checkpoint import INDEX_NAME, Checkpoint
-from tierquant.convert import convert_checkpoint
+from tierquant.core.checkpoint import INDEX_NAME, Checkpoint
+from tierquant.core.gptoss import mlx_float_specs, shape_of_checkpoint
 from tierquant.errors import TierquantError
-from tierquant.gptoss import mlx_float_specs, shape_of_checkpoint
+from tierquant.source.convert import convert_checkpoint
 
 FP4 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
 

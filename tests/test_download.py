@@ -8,9 +8,9 @@ import shutil
 import pytest
 
 from tests.conftest import run_stage
+from tierquant.core.gptoss import verify_original
 from tierquant.errors import TierquantError
-from tierquant.gptoss import verify_original
-from tierquant.hub import DEFAULT_ALLOW_PATTERNS
+from tierquant.source.hub import DEFAULT_ALLOW_PATTERNS
 
 
 @pytest.fixture

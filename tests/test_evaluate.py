@@ -18,11 +18,11 @@ from hubserver import LocalHub
 from huggingface_hub import constants
 
 from tests.conftest import REPO, copy_repo, run
-from tierquant import evalset, evaluate
+from tierquant.check.structure import check_structure
+from tierquant.check.validate import validate_model
 from tierquant.config import EvalConfig, compose, validate
 from tierquant.errors import TierquantError
-from tierquant.structure import check_structure
-from tierquant.validate import validate_model
+from tierquant.quality import evalset, evaluate
 
 # Experts-only quantization: every other tier bf16 (runs on CPU: only experts need
 # quantized gather_mm there).

@@ -325,7 +325,7 @@ def hub():
 @pytest.mark.parametrize("case", DOWNLOAD_CASES)
 def test_download_refuses_a_bad_snapshot(runs, hub, tmp_path, case):
     """The Hub serves a broken checkpoint: the download stage's verification names it."""
-    from tierquant.hub import DEFAULT_ALLOW_PATTERNS
+    from tierquant.source.hub import DEFAULT_ALLOW_PATTERNS
 
     a = runs[0]
     bad, named = _bad_original(runs, tmp_path, case)

@@ -1,4 +1,5 @@
-"""tierquant.hub.download_snapshot against a LocalHub, through the real huggingface_hub client."""
+"""tierquant.source.hub.download_snapshot against a LocalHub, through the real
+huggingface_hub client."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
 from tests.conftest import isolate_hf_client
 from tierquant.errors import TierquantError
-from tierquant.hub import DEFAULT_ALLOW_PATTERNS, download_snapshot
+from tierquant.source.hub import DEFAULT_ALLOW_PATTERNS, download_snapshot
 
 REPO = "openai/gpt-oss-fake"
 PATTERNS = list(DEFAULT_ALLOW_PATTERNS)
@@ -238,7 +239,7 @@ def test_token_required(tmp_path: Path) -> None:
 _CHILD = """
 import json, sys
 from pathlib import Path
-from tierquant.hub import download_snapshot
+from tierquant.source.hub import download_snapshot
 print(download_snapshot(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4])))
 """
 

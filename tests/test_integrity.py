@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tierquant import evalset, evaluate
+from tierquant.check.integrity import check_integrity
+from tierquant.check.validate import GATES, validate_model
 from tierquant.errors import TierquantError
-from tierquant.integrity import check_integrity
-from tierquant.validate import GATES, validate_model
+from tierquant.quality import evalset, evaluate
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +188,9 @@ def test_float_rows_from_the_original_are_the_float_checkpoints(
     """What integrity compares the model with (every tensor kind: expert rows decoded from
     the MXFP4 rows that hold them, expert biases split out of gate_up_proj_bias, the rest
     read by name) equals the same rows of the float checkpoint convert wrote."""
-    from tierquant.checkpoint import Checkpoint
-    from tierquant.gptoss import float_row_sample, mlx_weights, shape_of_checkpoint
+    from tierquant.core.checkpoint import Checkpoint
+    from tierquant.core.floatrows import float_row_sample
+    from tierquant.core.gptoss import mlx_weights, shape_of_checkpoint
 
     weights = mlx_weights(shape_of_checkpoint(tiny_original))
     with Checkpoint(tiny_original) as original, Checkpoint(tiny_float) as floats:

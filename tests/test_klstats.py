@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tierquant.klstats import DP_PERCENTILES, KLD_PERCENTILES, kl_statistics
+from tierquant.quality.klstats import DP_PERCENTILES, KLD_PERCENTILES, kl_statistics
 
 KLD = [0.0, 0.5, 0.1, 2.0, 0.25, 0.05, 1.0, 0.3]
 NLL_Q = [1.0, 2.5, 0.2, 3.0, 1.1, 0.7, 2.2, 1.4]

@@ -9,14 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tierquant.calibration import calibration_windows
 from tierquant.config import CalibrationConfig, EvalConfig
+from tierquant.quality.calibration import calibration_windows
 
 
 @pytest.fixture(scope="module")
 def measured(tiny_original):
-    from tierquant.allocate import parse_candidates
-    from tierquant.measure import measure_damage
+    from tierquant.plan.allocate import parse_candidates
+    from tierquant.quality.measure import measure_damage
 
     tokens = calibration_windows(
         CalibrationConfig(num_windows=2, window_length=32), EvalConfig(), tiny_original
@@ -49,10 +49,10 @@ def _end_to_end(original_dir, float_dir, tokens, names, precision) -> float:
     import mlx.nn as nn
     from mlx.utils import tree_flatten
     from mlx_lm import load
+    from oracle import load_whole, whole_logits
 
-    from tierquant.checkpoint import Checkpoint
-    from tierquant.measure import fake_quantize
-    from tierquant.oracle import load_whole, whole_logits
+    from tierquant.core.checkpoint import Checkpoint
+    from tierquant.quality.measure import fake_quantize
 
     ref = whole_logits(load_whole(original_dir), tokens, 2)
     model, _ = load(str(float_dir))  # bf16, as the quantize stage reads it
@@ -80,8 +80,8 @@ def _end_to_end(original_dir, float_dir, tokens, names, precision) -> float:
 
 @pytest.mark.parametrize("group", ["layers.5.experts_down", "layers.5.attn_vo", "lm_head"])
 def test_exact_where_the_projection_is_exact(measured, tiny_original, tiny_float, group):
-    from tierquant.allocate import allocation_groups
-    from tierquant.gptoss import shape_of_checkpoint
+    from tierquant.core.gptoss import shape_of_checkpoint
+    from tierquant.plan.allocate import allocation_groups
 
     tokens, cands, damage = measured
     groups = {g.name: g for g in allocation_groups(shape_of_checkpoint(tiny_float))[0]}
@@ -110,12 +110,12 @@ def test_candidate_modules_hold_the_quantize_stages_bytes(tiny_original, tiny_fl
     quantize stage reads the float checkpoint: the bytes must be the same."""
     import mlx.core as mx
 
-    from tierquant.affine import quantize_tensor
-    from tierquant.checkpoint import Checkpoint
-    from tierquant.gptoss import mlx_weights, shape_of_checkpoint
-    from tierquant.measure import candidate_rows, quantized_module
-    from tierquant.precision import parse_precision
-    from tierquant.stream import StreamedModel
+    from tierquant.core.affine import quantize_tensor
+    from tierquant.core.checkpoint import Checkpoint
+    from tierquant.core.gptoss import mlx_weights, shape_of_checkpoint
+    from tierquant.core.precision import parse_precision
+    from tierquant.quality.measure import candidate_rows, quantized_module
+    from tierquant.quality.stream import StreamedModel
 
     layer = 1
     weight = next(
@@ -148,17 +148,17 @@ def test_quantize_rows_in_small_slices_equals_one_quantize(
     bytes of one `mx.quantize` of the whole float tensor (the oracle: MLX's own call)."""
     import mlx.core as mx
 
-    import tierquant.affine
-    from tierquant.checkpoint import Checkpoint
-    from tierquant.gptoss import mlx_weights, shape_of_checkpoint
-    from tierquant.measure import candidate_rows
-    from tierquant.precision import parse_precision
-    from tierquant.stream import StreamedModel
+    import tierquant.core.affine
+    from tierquant.core.checkpoint import Checkpoint
+    from tierquant.core.gptoss import mlx_weights, shape_of_checkpoint
+    from tierquant.core.precision import parse_precision
+    from tierquant.quality.measure import candidate_rows
+    from tierquant.quality.stream import StreamedModel
 
     pool = tuple(mx.new_stream(mx.default_device()) for _ in range(streams))
-    monkeypatch.setattr(tierquant.affine, "SLICE_BYTES", 3000)  # a few rows or one expert
-    monkeypatch.setattr(tierquant.affine, "slice_streams", lambda: pool)
-    monkeypatch.setattr(tierquant.parallel, "slice_streams", lambda: pool)
+    monkeypatch.setattr(tierquant.core.affine, "SLICE_BYTES", 3000)  # a few rows or one expert
+    monkeypatch.setattr(tierquant.core.affine, "slice_streams", lambda: pool)
+    monkeypatch.setattr(tierquant.core.parallel, "slice_streams", lambda: pool)
     weight = next(
         w
         for w in mlx_weights(shape_of_checkpoint(tiny_float))
@@ -171,8 +171,8 @@ def test_quantize_rows_in_small_slices_equals_one_quantize(
         Checkpoint(tiny_float) as f,
     ):
         rows = candidate_rows(weight, original=original, weights=sm.layer_weights(2))
-        assert len(tierquant.affine.slices(weight.shape)) > 2 * streams
-        got = tierquant.affine.quantize_rows(rows, weight.shape, p)
+        assert len(tierquant.core.affine.slices(weight.shape)) > 2 * streams
+        got = tierquant.core.affine.quantize_rows(rows, weight.shape, p)
         whole = mx.array(f.read(weight.name)).view(mx.bfloat16)
     want = mx.quantize(whole, group_size=p.group_size, bits=p.bits)
     for key, a, b in zip(("weight", "scales", "biases"), got, want, strict=True):

@@ -8,14 +8,14 @@ from functools import cache
 import numpy as np
 import pytest
 
-from tierquant.errors import TierquantError
-from tierquant.mxfp4 import (
+from tierquant.core.mxfp4 import (
     FP4_VALUES,
     MXFP4Error,
     bf16_bits_to_float32,
     dequantize_to_bf16_bits,
     quantize_from_float,
 )
+from tierquant.errors import TierquantError
 
 # e2m1 decoded from its bit fields (sign, 2-bit exponent, 1-bit mantissa), not from a table.
 

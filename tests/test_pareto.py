@@ -9,7 +9,7 @@ import random
 import pytest
 
 from tierquant.errors import TierquantError
-from tierquant.pareto import HEADLINE_QUALITY, curve_position, sweep_points, write_sweep
+from tierquant.report.pareto import HEADLINE_QUALITY, curve_position, sweep_points, write_sweep
 
 
 def _data(recipe: str, bpw: float, kld: float, budget: dict | None = None) -> dict:

@@ -31,7 +31,7 @@ def _ran(output: str) -> set[str]:
 
 
 def test_repro_produces_a_verified_original(reproduced):
-    from tierquant.gptoss import verify_original
+    from tierquant.core.gptoss import verify_original
 
     repo, proc = reproduced
     assert "download" in _ran(proc.stdout)

@@ -13,13 +13,13 @@ import pytest
 from tests.conftest import REPO, run_stage, tiny_spec
 from tests.headers import real_spec, write_header_only_checkpoint
 from tierquant.config import Config, SyntheticConfig, compose, validate
+from tierquant.core.gptoss import KINDS, GptOssShape, mlx_weights
+from tierquant.core.precision import parse_precision
 from tierquant.errors import TierquantError
-from tierquant.gptoss import KINDS, GptOssShape, mlx_weights
-from tierquant.plan import plan, plan_tiers
-from tierquant.precision import parse_precision
-from tierquant.predict import predict
-from tierquant.recipe import edge_bounds, is_edge
-from tierquant.synthetic import config_json, shape_of
+from tierquant.plan.handplan import plan, plan_tiers
+from tierquant.plan.predict import predict
+from tierquant.plan.recipe import edge_bounds, is_edge
+from tierquant.source.synthetic import config_json, shape_of
 
 GIB = 1 << 30
 

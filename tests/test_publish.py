@@ -1,4 +1,4 @@
-"""tierquant.publish through the real huggingface_hub client against the LocalHub.
+"""tierquant.report.publish through the real huggingface_hub client against the LocalHub.
 
 Two upload paths, both what huggingface_hub 2.4.0 really does:
 - `pipeline`: hf_xet installed (the default): `upload_folder` runs the streamed
@@ -19,7 +19,7 @@ import pytest
 from hubserver import LocalHub
 from huggingface_hub import HfApi, constants
 
-from stages.publish import run as publish  # the stage's call of tierquant.publish
+from stages.publish import run as publish  # the stage's call of tierquant.report.publish
 from tests.conftest import build_model, isolate_hf_client, run_stage
 from tierquant.config import Config, compose, validate
 from tierquant.errors import TierquantError

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import build_model
-from tierquant.checkpoint import Checkpoint
+from tierquant.build.quantize import quantize_tier
+from tierquant.core.checkpoint import Checkpoint
+from tierquant.core.gptoss import Weight
+from tierquant.core.precision import check_quantizable, parse_precision
 from tierquant.errors import TierquantError
-from tierquant.gptoss import Weight
-from tierquant.precision import check_quantizable, parse_precision
-from tierquant.quantize import quantize_tier
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_layout_shards_are_linked_and_router_excluded(seed_model):
 
 
 def test_predicted_size_equals_measured_to_the_byte(seed_model, tiny_original, tmp_path):
-    from tierquant.predict import predict
+    from tierquant.plan.predict import predict
 
     config, model_dir, measured = seed_model
     predicted = predict(
@@ -199,8 +199,8 @@ def test_failed_quantize_leaves_nothing(tiny_float, tiny_original, tmp_path):
 
 
 def test_stale_tier_output_is_refused(seed_model, tmp_path):
-    from tierquant.assemble import assemble_model
-    from tierquant.precision import parse_tiers
+    from tierquant.build.assemble import assemble_model
+    from tierquant.core.precision import parse_tiers
 
     config, model_dir, _ = seed_model
     root = model_dir.parent
@@ -258,10 +258,12 @@ def test_sliced_quantize_on_several_streams_equals_whole_tensor(
     bytes of one `mx.quantize` of the whole tensor, in order (the oracle: mlx-lm's call),
     and the error of its sampled rows (the oracle: numpy in float64), whether the error
     sample is queued with each slice (the GPU's order) or once it is quantized (the CPU's)."""
-    import tierquant.affine
-    import tierquant.quantize as q
+    import tierquant.build.quantize as q
+    import tierquant.core.affine
 
-    monkeypatch.setattr(tierquant.affine, "SLICE_BYTES", 3000)  # many slices of a few rows each
+    monkeypatch.setattr(
+        tierquant.core.affine, "SLICE_BYTES", 3000
+    )  # many slices of a few rows each
     monkeypatch.setattr(
         q,
         "slice_streams",
@@ -296,7 +298,7 @@ def test_sliced_quantize_on_several_streams_equals_whole_tensor(
                 sample = (..., slice(None, None, q.ERROR_ROW_STRIDE), slice(None))
                 dq = mx.dequantize(*expected, group_size=64, bits=4).astype(mx.float32)
                 err_sq = ref_sq = 0.0
-                for start, stop in tierquant.affine.slices(whole.shape):
+                for start, stop in tierquant.core.affine.slices(whole.shape):
                     ref = np.array(whole[start:stop][sample].astype(mx.float32), np.float64)
                     got = np.array(dq[start:stop][sample], np.float64)
                     err_sq += np.sum((got - ref) ** 2)

@@ -8,12 +8,13 @@ conversion and an assembled mixed-precision model.
 from __future__ import annotations
 
 import numpy as np
+import oracle
 import pytest
 
-from tierquant import evalset, evaluate, oracle
 from tierquant.config import EvalConfig
-from tierquant.klstats import summarize
-from tierquant.stream import StreamedModel, compute_dtype
+from tierquant.quality import evalset, evaluate
+from tierquant.quality.klstats import summarize
+from tierquant.quality.stream import StreamedModel, compute_dtype
 
 BATCH = 4
 

@@ -10,8 +10,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from tierquant.checkpoint import Checkpoint
-from tierquant.structure import check_structure
+from tierquant.check.structure import check_structure
+from tierquant.core.checkpoint import Checkpoint
 
 ALL_BF16 = (
     "tiers.control=bf16",

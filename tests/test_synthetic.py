@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_spec
-from tierquant.checkpoint import Checkpoint
-from tierquant.gptoss import GptOssShape, hf_tensor_specs, verify_original
-from tierquant.mxfp4 import dequantize_to_bf16_bits
-from tierquant.synthetic import write_synthetic_checkpoint
-from tierquant.tokenizer import special_token_ids
+from tierquant.core.checkpoint import Checkpoint
+from tierquant.core.gptoss import GptOssShape, hf_tensor_specs, verify_original
+from tierquant.core.mxfp4 import dequantize_to_bf16_bits
+from tierquant.source.synthetic import write_synthetic_checkpoint
+from tierquant.source.tokenizer import special_token_ids
 
 REAL_120B_CONFIG_KEYS = {
     "architectures",
@@ -108,7 +108,7 @@ def test_same_bytes_whatever_the_blas_kernel(tiny_original, tmp_path, kernel):
     out.mkdir()
     code = (
         "import sys; from pathlib import Path; from tests.conftest import tiny_spec; "
-        "from tierquant.synthetic import write_synthetic_checkpoint; "
+        "from tierquant.source.synthetic import write_synthetic_checkpoint; "
         "write_synthetic_checkpoint(Path(sys.argv[1]), tiny_spec())"
     )
     env = {**os.environ, "OPENBLAS_CORETYPE": kernel}
@@ -131,8 +131,8 @@ def test_random_head_is_as_peaked_as_the_fitted_one(tmp_path):
     """Without fit_to_corpus the lm_head is random; its logits on unit-RMS hidden states
     (what the final RMSNorm gives) have mean entropy near TARGET_ENTROPY, not the
     near-zero entropy of standard-normal head rows (logit std sqrt(hidden))."""
-    from tierquant.bf16 import from_bf16_bits
-    from tierquant.synthetic import TARGET_ENTROPY
+    from tierquant.core.bf16 import from_bf16_bits
+    from tierquant.source.synthetic import TARGET_ENTROPY
 
     spec = tiny_spec(num_hidden_layers=2, num_local_experts=2, hidden_size=256, fit_to_corpus=False)
     write_synthetic_checkpoint(tmp_path, spec)
@@ -174,7 +174,7 @@ def test_mlx_lm_builds_mxfp4_experts_from_interleaved_rows(tiny_original, loaded
 def test_next_token_distributions_are_peaked_and_generation_works(loaded):
     from mlx_lm import generate
 
-    from tierquant.tokenizer import load_corpus
+    from tierquant.source.tokenizer import load_corpus
 
     model, tokenizer = loaded
     ids = tokenizer.encode(load_corpus()[:4000])[:256]

@@ -1,4 +1,4 @@
-"""Tests for the synthetic gpt-oss tokenizer files (tierquant.tokenizer)."""
+"""Tests for the synthetic gpt-oss tokenizer files (tierquant.source.tokenizer)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tierquant.core.gptoss import TOKENIZER_FILES
 from tierquant.errors import TierquantError
-from tierquant.gptoss import TOKENIZER_FILES
-from tierquant.tokenizer import (
+from tierquant.source.tokenizer import (
     SPECIAL_TOKENS,
     build_tokenizer_files,
     load_corpus,
@@ -99,7 +99,8 @@ def test_build_is_byte_identical_across_runs_and_processes() -> None:
     assert first == build_tokenizer_files(N, corpus)
     # Another interpreter with a different string-hash seed must produce the same bytes.
     code = (
-        "import hashlib, json; from tierquant.tokenizer import build_tokenizer_files, load_corpus;"
+        "import hashlib, json; "
+        "from tierquant.source.tokenizer import build_tokenizer_files, load_corpus;"
         f"f = build_tokenizer_files({N}, load_corpus());"
         "print(json.dumps({k: hashlib.sha256(v).hexdigest() for k, v in sorted(f.items())}))"
     )

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import TierquantError
+from tierquant.errors import TierquantError
 
 # The stages in pipeline order (dvc.yaml), with what each does; tests keep this list
 # equal to stages/*.py.
@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     compare = sub.add_parser(
         "compare",
         help="dvc exp show: headline metrics + tiers only",
-        description="`dvc exp show` keeping only the headline metrics (tierquant.headline) "
+        description="`dvc exp show` keeping only the headline metrics (tierquant.report.headline) "
         "and what experiments change (model, recipe, tiers, group size).",
     )
     compare.add_argument("args", nargs=argparse.REMAINDER, help="passed on to dvc exp show")
@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_stage(name: str, args: list[str]) -> int:
     """Run `python stages/<name>.py args...` in the checkout holding the current folder."""
-    from .config import project_root
+    from tierquant.config import project_root
 
     root = project_root()
     script = root / "stages" / f"{name}.py"
@@ -109,8 +109,8 @@ def run_stage(name: str, args: list[str]) -> int:
 
 def cache_verify(repo: Path | None, evict: bool) -> int:
     """Print what `tierquant.dvccache.verify_cache` found; 1 if anything was corrupt."""
-    from .config import project_root
-    from .dvccache import verify_cache
+    from tierquant.config import project_root
+    from tierquant.dvccache import verify_cache
 
     root = Path(repo) if repo else project_root()
     report = verify_cache(root, evict=evict)
@@ -127,10 +127,10 @@ def cache_verify(repo: Path | None, evict: bool) -> int:
 
 
 def compare(extra: list[str]) -> int:
-    """Run `dvc exp show` with tierquant.headline.compare_args() (+ `extra`)."""
+    """Run `dvc exp show` with tierquant.report.headline.compare_args() (+ `extra`)."""
     import shutil
 
-    from .headline import compare_args
+    from tierquant.report.headline import compare_args
 
     dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
     return subprocess.run([dvc, "exp", "show", *compare_args(), *extra]).returncode
@@ -141,8 +141,8 @@ def sweep(extra: list[str]) -> int:
     import json
     import shutil
 
-    from .config import compose, project_root, validate
-    from .pareto import write_sweep
+    from tierquant.config import compose, project_root, validate
+    from tierquant.report.pareto import write_sweep
 
     root = project_root()
     dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")

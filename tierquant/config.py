@@ -17,9 +17,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import TierquantError
-from .precision import Precision, parse_tiers
-from .recipe import RecipeConfig, check_recipe, typed_rules
+from tierquant.core.precision import Precision, parse_tiers
+from tierquant.errors import TierquantError
+from tierquant.plan.recipe import RecipeConfig, check_recipe, typed_rules
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -41,7 +41,7 @@ def project_root(start: Path | None = None) -> Path:
 
 @dataclass
 class SyntheticConfig:
-    """Shape and seed of a synthetic gpt-oss checkpoint (see tierquant.synthetic)."""
+    """Shape and seed of a synthetic gpt-oss checkpoint (see tierquant.source.synthetic)."""
 
     seed: int = 0
     num_hidden_layers: int = 6
@@ -119,14 +119,14 @@ class TextSetConfig:
 @dataclass
 class EvalConfig(TextSetConfig):
     """The eval set (TextSetConfig's fields); `top_k` reference log-probs per token are
-    stored (see tierquant.evaluate)."""
+    stored (see tierquant.quality.evaluate)."""
 
     top_k: int = 64
 
 
 @dataclass
 class CalibrationConfig(TextSetConfig):
-    """The calibration set the `measure` stage computes damage on (tierquant.calibration):
+    """The calibration set the `measure` stage computes damage on (tierquant.quality.calibration):
     TextSetConfig's fields. When it reads the same text as the eval set, its windows are
     placed between the eval windows, so no token position is in both (checked).
     """
@@ -143,16 +143,16 @@ class MeasureConfig:
 @dataclass
 class FitBudgetConfig:
     """`budget.fit`: the weights may take what the fit table's memory model leaves free
-    on a Mac of `memory_gib` with a `context`-token KV cache (tierquant.budget)."""
+    on a Mac of `memory_gib` with a `context`-token KV cache (tierquant.plan.budget)."""
 
     memory_gib: float | None = None
     context: int | None = None
-    wired_limit: str = "raised"  # "default" or "raised" (see tierquant.footprint.fit_table)
+    wired_limit: str = "raised"  # "default" or "raised" (see tierquant.plan.footprint.fit_table)
 
 
 @dataclass
 class BudgetConfig:
-    """The size budget of `recipe=auto` (tierquant.budget): exactly one of
+    """The size budget of `recipe=auto` (tierquant.plan.budget): exactly one of
     `bits_per_weight`, `gib` (weights) or `fit.memory_gib` (+ `fit.context`)."""
 
     bits_per_weight: float | None = None
@@ -184,7 +184,7 @@ class QuantConfig:
 class BenchmarkConfig:
     """Speed benchmark settings, and the data its fit and bandwidth tables use.
 
-    See tierquant.bench. `contexts` are prompt lengths; each is timed `trials` times
+    See tierquant.report.benchmark. `contexts` are prompt lengths; each is timed `trials` times
     after `warmup` untimed runs. `memory_gib` are the unified-memory sizes of the fit
     table; the GPU may use `gpu_fraction` of them (`gpu_fraction_small` at or below
     `small_memory_gib`: macOS's default wired limit) or, with the limit raised, all but
@@ -210,7 +210,7 @@ class BenchmarkConfig:
 
 @dataclass
 class PublishConfig:
-    """Where and how tierquant.publish pushes data/model + the card (dry run by default).
+    """Where and how tierquant.report.publish pushes data/model + the card (dry run by default).
 
     `repo_id` null means `<namespace>/<model.name>-tierquant-<recipe.name>`. `create_pr`
     opens a pull request against main (so `revision` must stay main); `tag` tags the
@@ -238,13 +238,13 @@ class Config:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     # tier -> precision: int bits (affine, quant.group_size), 16/bf16, or mxfp4;
-    # parsed by tierquant.precision.parse_tiers (Config.precisions()).
+    # parsed by tierquant.core.precision.parse_tiers (Config.precisions()).
     tiers: dict[str, Any] = field(default_factory=dict)
     quant: QuantConfig = field(default_factory=QuantConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
 
     def precisions(self) -> dict[str, Precision]:
-        """`tiers` parsed: tier name -> tierquant.precision.Precision, in order."""
+        """`tiers` parsed: tier name -> tierquant.core.precision.Precision, in order."""
         return parse_tiers(self.tiers, self.quant.group_size)
 
 

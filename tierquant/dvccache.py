@@ -21,11 +21,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import TierquantError
+from tierquant.errors import TierquantError
 
 _CHUNK = 16 << 20
 _OBJECT = re.compile(r"[0-9a-f]{32}(\.dir)?")
-TEMP_SUFFIX = ".tmp"  # tierquant.checkpoint.atomic_output's `.<name>.tmp` temporaries
+TEMP_SUFFIX = ".tmp"  # tierquant.core.checkpoint.atomic_output's `.<name>.tmp` temporaries
 
 
 @dataclass

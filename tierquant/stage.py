@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from . import IMPORTED_AT
-from .config import project_root, validate
-from .errors import TierquantError
+from tierquant import IMPORTED_AT
+from tierquant.config import project_root, validate
+from tierquant.errors import TierquantError
 
 QUIET_HYDRA = (
     "hydra.run.dir=.",

@@ -1,0 +1,357 @@
+"""measure stage: the damage of each allocation group at each candidate precision, on the
+calibration set, streamed layer by layer → data/measure/damage.json (+ a heatmap CSV).
+
+The damage measure, and why. What the allocation minimises is the quantized model's
+KL divergence from the original (validate's `kld_mean`), so damage is in those units:
+nats per token. Measuring it end to end for every group and candidate would cost one
+whole-model forward per (group, candidate) — ~900 forwards of gpt-oss-120b — so each
+group is measured where it acts and carried to the output along the residual stream:
+
+    δ = block_i(h_i; group quantized) − block_i(h_i)        (h_i: the reference input)
+    damage = mean over calibration tokens of KL( softmax(head(h_L)) ‖ softmax(head(h_L + δ)) )
+
+with h_L the reference's last hidden state and `head` the final norm + lm_head. Every
+decoder layer adds its update to the residual stream, so a perturbation reaches the head
+through the identity path plus the later layers' (small) response to it; this keeps the
+identity path and the head's full non-linearity (softmax, norm), and drops the later
+layers' response. `lm_head` is measured exactly (the head itself quantized on h_L), and
+`embed_tokens` by its δ at the first layer's input. The damages of several groups add:
+the plan's predicted damage is their sum, and the README compares it with validate's
+measured kld_mean. Cost: two reference forwards plus one layer run and one head pass per
+(group, candidate) — about 27 layer-forwards per layer at 120B instead of 900 model
+forwards — with one layer's weights resident (tierquant.quality.stream), the calibration set's
+h_i, h_{i+1} and h_L carried.
+
+Every forward runs on the original checkpoint (experts in mxfp4, as the reference stage
+runs it), so one layer costs what a reference layer costs, not a bf16 expert stack cast
+to float32. A decoder group at a candidate is its modules swapped for mlx-lm's own
+`QuantizedLinear` / `QuantizedSwitchLinear` holding exactly the bytes the quantize stage
+would write (`candidate_rows` + `quantized_module`: attention from the layer's resident
+bf16, experts decoded from the original's MXFP4 rows a slice at a time, exactly the float
+checkpoint's bits; quantized slice by slice as the quantize stage does), run by the same
+quantized kernels validate runs the model with. The row-read tables (embedding, head)
+are fake-quantized (quantize then dequantize, the same values). `mxfp4` for the experts
+is the original's bytes, so its damage is exactly 0 and is not computed; `bf16`
+likewise.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tierquant.core.files import atomic_output, json_bytes
+from tierquant.plan.allocate import DAMAGE, MEASURE_FORMAT
+
+log = logging.getLogger(__name__)
+
+MEASURE_NAME = "head-projected layer-local KLD (tierquant.quality.measure)"
+
+
+def fake_quantize(w, precision):
+    """`w` (bf16 mx array) quantized and dequantized at an affine `precision`."""
+    import mlx.core as mx
+
+    q, s, b = mx.quantize(w, group_size=precision.group_size, bits=precision.bits)
+    out = mx.dequantize(q, s, b, group_size=precision.group_size, bits=precision.bits)
+    return out.astype(w.dtype)
+
+
+def _lse64(x) -> np.ndarray:
+    import mlx.core as mx
+
+    m = mx.max(x, axis=-1)
+    t = mx.sum(mx.exp(x - m[:, None]), axis=-1)
+    mx.eval(m, t)
+    return np.array(m).astype(np.float64) + np.log(np.array(t).astype(np.float64))
+
+
+class HeadKL:
+    """KL(P_ref ‖ Q) per candidate final hidden state, through the streamed head in vocab
+    slices: KL = Σ_v p_v (a_v − b_v) − lse_a + lse_b (a, b: reference / candidate logits)."""
+
+    def __init__(self, sm, h_last, vocab_chunk: int | None = None) -> None:
+        self.sm, self.h, self.vocab_chunk = sm, h_last, vocab_chunk
+        lse = np.full(h_last.shape[0], -np.inf)
+        for _, logits in sm.logit_chunks(h_last, vocab_chunk=vocab_chunk):
+            lse = np.logaddexp(lse, _lse64(logits))
+        self.lse_ref = lse
+
+    def mean_kl(self, finals: Sequence[Any], row_transform=None) -> list[float]:
+        """Mean KL over the tokens for each candidate final state [T, D] in `finals`
+        (or, with `row_transform`, for the head's rows transformed, on h_last)."""
+        import mlx.core as mx
+
+        t = self.h.shape[0]
+        stacked = mx.concatenate([self.h, *finals]) if finals else self.h
+        k = len(finals)
+        lse_ref = mx.array(self.lse_ref.astype(np.float32))[:, None]
+        cross = np.zeros((max(k, 1), t))
+        lse_b = np.full((max(k, 1), t), -np.inf)
+        if row_transform is None:
+            chunks = self.sm.logit_chunks(stacked, vocab_chunk=self.vocab_chunk)
+            for _, logits in chunks:
+                a = logits[:t]
+                p = mx.exp(a - lse_ref)
+                for c in range(k):
+                    b = logits[(c + 1) * t : (c + 2) * t]
+                    s = mx.sum(p * (a - b), axis=-1)
+                    mx.eval(s)
+                    cross[c] += np.array(s).astype(np.float64)
+                    lse_b[c] = np.logaddexp(lse_b[c], _lse64(b))
+        else:  # the head itself transformed: reference rows and candidate rows, same h
+            ref = self.sm.logit_chunks(self.h, vocab_chunk=self.vocab_chunk)
+            cand = self.sm.logit_chunks(
+                self.h, vocab_chunk=self.vocab_chunk, row_transform=row_transform
+            )
+            for (_, a), (_, b) in zip(ref, cand, strict=True):
+                p = mx.exp(a - lse_ref)
+                s = mx.sum(p * (a - b), axis=-1)
+                mx.eval(s)
+                cross[0] += np.array(s).astype(np.float64)
+                lse_b[0] = np.logaddexp(lse_b[0], _lse64(b))
+            k = 1
+        kl = cross[:k] - self.lse_ref[None, :] + lse_b[:k]
+        return [float(max(0.0, np.mean(row))) for row in kl]
+
+
+def measure_damage(
+    *,
+    original_dir: Path,
+    tokens: np.ndarray,
+    candidates: Sequence[Any],
+    batch_size: int,
+    vocab_chunk: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Group name → {precision label: damage} on `tokens` [N, L] (module docstring), run
+    on the original checkpoint `original_dir` (its config.json gives the groups' tensors:
+    the float checkpoint's names and shapes). `candidates`: tierquant.core.precision.Precision."""
+    import mlx.core as mx
+
+    from tierquant.core.checkpoint import Checkpoint
+    from tierquant.core.gptoss import shape_of_checkpoint
+    from tierquant.core.precision import BF16
+    from tierquant.plan.allocate import allocation_groups
+    from tierquant.quality.stream import StreamedModel, compute_dtype
+
+    shape = shape_of_checkpoint(original_dir)
+    groups, _ = allocation_groups(shape)
+    affine = [p for p in candidates if p.mode == "affine"]
+    out: dict[str, dict[str, float]] = {}
+
+    def free(g) -> dict[str, float]:  # exactly lossless candidates
+        zero = {p.label: 0.0 for p in candidates if p == BF16 or p.mode == "mxfp4"}
+        return {k: v for k, v in zero.items() if g.allows(_by_label(candidates, k))}
+
+    with (
+        StreamedModel(original_dir, compute_dtype=compute_dtype()) as sm,
+        Checkpoint(original_dir) as original,
+    ):
+        h0 = sm.embed(tokens)
+        h = h0
+        for i in range(sm.num_layers):
+            h = sm.run_layer(i, h, batch_size=batch_size)
+        d = h.shape[-1]
+        h_last = h[:, :-1].reshape(-1, d)
+        mx.eval(h_last)
+        del h
+        head = HeadKL(sm, h_last, vocab_chunk)
+
+        def deltas_to_kl(pairs):
+            finals = [h_last + delta[:, :-1].reshape(-1, d) for _, delta in pairs]
+            return dict(zip((label for label, _ in pairs), head.mean_kl(finals), strict=True))
+
+        by_name = {g.name: g for g in groups}
+        # embed_tokens: δ at the first layer's input
+        g = by_name["embed_tokens"]
+        pairs = []
+        for p in affine:
+            e = sm.embed(tokens, row_transform=lambda _n, rows, p=p: fake_quantize(rows, p))
+            pairs.append((p.label, e - h0))
+        out[g.name] = {**deltas_to_kl(pairs), **free(g)}
+        log.info("measured %s", g.name)
+        # decoder layers
+        h = h0
+        del h0
+        for i in range(sm.num_layers):
+            # read once per layer, not once per candidate run (~25 runs a layer)
+            weights = sm.layer_weights(i)
+            ref_out = sm.run_layer(i, h, batch_size=batch_size, weights=weights)
+            for g in (x for x in groups if x.layer == i):
+                # An expert group's own arrays are the layer's largest and its candidate
+                # runs replace them: not resident meanwhile (candidate_rows reads the
+                # original's MXFP4 rows a slice at a time).
+                own = [k for k in weights if k.rsplit(".", 1)[0] in {w.module for w in g.weights}]
+                biases = {k: weights[k] for k in own if k.endswith(".bias")}
+                if g.is_experts:
+                    for k in own:
+                        if k not in biases:
+                            del weights[k]
+                    mx.clear_cache()
+                pairs = []
+                for p in affine:
+                    modules = {
+                        w.module: quantized_module(
+                            w,
+                            p,
+                            candidate_rows(w, original=original, weights=weights),
+                            biases.get(f"{w.module}.bias"),
+                        )
+                        for w in g.weights
+                    }
+                    mx.clear_cache()
+                    y = sm.run_layer(
+                        i, h, batch_size=batch_size, weights=weights, module_overrides=modules
+                    )
+                    del modules
+                    pairs.append((p.label, y - ref_out))
+                if g.is_experts:  # back, to be read once more by the next group's first run
+                    fresh = sm.layer_weights(i)
+                    weights.update({k: fresh[k] for k in own if k not in biases})
+                    del fresh
+                out[g.name] = {**deltas_to_kl(pairs), **free(g)}
+                del pairs
+                log.info("measured %s", g.name)
+            del weights
+            h = ref_out
+            mx.clear_cache()
+        del h
+        # lm_head: exact (the head quantized, on the reference's last hidden states)
+        g = by_name["lm_head"]
+        out[g.name] = {
+            p.label: head.mean_kl([], row_transform=lambda _n, rows, p=p: fake_quantize(rows, p))[0]
+            for p in affine
+        }
+        out[g.name].update(free(g))
+        log.info("measured %s", g.name)
+    return {g.name: out[g.name] for g in groups}
+
+
+def candidate_rows(weight, *, original, weights: dict[str, Any]):
+    """`rows(start, stop)`: slices of `weight` (a tierquant.core.gptoss.Weight) as the float
+    checkpoint's bf16, for `quantize_rows`. An expert matrix's MXFP4 rows are read from
+    the `original` checkpoint (tierquant.core.checkpoint.Checkpoint) a slice at a time and
+    decoded by convert's own decoder: exactly the float checkpoint's bits, at a quarter
+    of their bytes. Any other matrix is the layer's resident bf16 parameter in `weights`
+    (`StreamedModel.layer_weights`), the same array the float checkpoint holds."""
+    from tierquant.core.affine import expert_rows
+    from tierquant.core.gptoss import EXPERT_KINDS
+    from tierquant.core.parallel import slice_streams
+
+    if weight.kind in EXPERT_KINDS:
+        return expert_rows(original, weight, depth=len(slice_streams()))  # quantize_rows's
+    stored = weights[f"{weight.module}.weight"]
+    return lambda start, stop: stored[start:stop]
+
+
+def quantized_module(weight, precision, rows, bias):
+    """mlx-lm's quantized module for `weight` at an affine `precision`, holding the bytes
+    the quantize stage writes (`rows`: see `candidate_rows`), with `bias` (or None)."""
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    from tierquant.core.affine import quantize_rows
+
+    wq, q_scales, q_biases = quantize_rows(rows, weight.shape, precision)
+    *experts, out_dims, in_dims = weight.shape
+    kw = {"group_size": precision.group_size, "bits": precision.bits, "mode": "affine"}
+    if experts:
+        module = QuantizedSwitchLinear(in_dims, out_dims, experts[0], bias is not None, **kw)
+    else:
+        module = nn.QuantizedLinear(in_dims, out_dims, bias is not None, **kw)
+    params = {"weight": wq, "scales": q_scales, "biases": q_biases}
+    if bias is not None:
+        params["bias"] = bias
+    module.update(params)
+    return module
+
+
+def _by_label(candidates, label):
+    return next(p for p in candidates if p.label == label)
+
+
+def heatmap_csv(groups: dict[str, dict[str, Any]]) -> str:
+    """One row per (group, precision): layer (-1 embed, L lm_head), group, precision,
+    damage and log10 damage, for the `dvc plots` heatmap."""
+    layers = [e["layer"] for e in groups.values() if e["layer"] is not None]
+    last = max(layers) + 1 if layers else 0
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["layer", "group", "precision", "damage", "log10_damage"])
+    for name, entry in groups.items():
+        layer = entry["layer"]
+        layer = -1 if name == "embed_tokens" else last if layer is None else layer
+        for label, value in entry["damage"].items():
+            log10 = math.log10(value) if value > 0 else -9.0
+            w.writerow([layer, entry["kind"], label, f"{value:.6g}", f"{log10:.4f}"])
+    return buf.getvalue()
+
+
+def measure(
+    *,
+    original: Path,
+    calibration,
+    eval_config,
+    candidates: Sequence[object],
+    group_size: int,
+    out: Path,
+    plot: Path,
+) -> dict[str, Any]:
+    """The measure stage: calibration windows (disjoint from the eval set) → damage of every
+    group × candidate → `out/damage.json` and the heatmap CSV `plot`."""
+    import mlx.core as mx
+
+    from tierquant.core.gptoss import shape_of_checkpoint
+    from tierquant.plan.allocate import allocation_groups, parse_candidates
+    from tierquant.quality.calibration import calibration_windows
+    from tierquant.quality.stream import compute_dtype
+
+    precisions = parse_candidates(candidates, group_size)
+    tokens = calibration_windows(calibration, eval_config, Path(original))
+    log.info("calibration set: %d windows × %d tokens", *tokens.shape)
+    mx.reset_peak_memory()
+    damage = measure_damage(
+        original_dir=Path(original),
+        tokens=tokens,
+        candidates=precisions,
+        batch_size=calibration.batch_size,
+    )
+    groups, _ = allocation_groups(shape_of_checkpoint(Path(original)))
+    report = {
+        "format": MEASURE_FORMAT,
+        "measure": MEASURE_NAME,
+        "unit": "nats/token (mean KL divergence from the unquantized model)",
+        "group_size": group_size,
+        "candidates": [p.label if p.mode != "affine" else p.bits for p in precisions],
+        "calibration": {"num_windows": int(tokens.shape[0]), "window_length": int(tokens.shape[1])},
+        "compute_dtype": compute_dtype(),
+        "groups": {
+            g.name: {
+                "kind": g.kind,
+                "layer": g.layer,
+                "tensors": [w.name for w in g.weights],
+                "damage": damage[g.name],
+            }
+            for g in groups
+        },
+    }
+    peak = int(mx.get_peak_memory())
+    with atomic_output(Path(out)) as tmp:
+        (tmp / DAMAGE).write_bytes(json_bytes(report))
+    with atomic_output(Path(plot), is_dir=False) as tmp:
+        tmp.write_text(heatmap_csv(report["groups"]))
+    log.info(
+        "wrote %s: %d groups × %d candidates (MLX peak %.1f MB)",
+        out,
+        len(groups),
+        len(precisions),
+        peak / 1e6,
+    )
+    return report

@@ -1,0 +1,63 @@
+"""download stage: the original gpt-oss checkpoint into data/original.
+
+`model.source: synthetic` writes the synthetic checkpoint; `hub` fetches the pinned
+revision from the Hugging Face Hub. Either way the result is verified (index, shards,
+headers, every tensor config.json implies) before it is moved into place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from tierquant.config import SyntheticConfig
+from tierquant.core.files import atomic_output
+from tierquant.core.gptoss import verify_original
+from tierquant.errors import TierquantError
+
+log = logging.getLogger(__name__)
+
+
+def download(
+    *,
+    out: Path,
+    source: str,
+    name: str,
+    synthetic: SyntheticConfig | None = None,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    allow_patterns: Sequence[str] = (),
+) -> Path:
+    """The download stage: produce `out` (the original checkpoint) from `source`
+    ("synthetic": `synthetic`'s checkpoint; "hub": `repo_id`@`revision`'s files matching
+    `allow_patterns`), verify it, and move it into place."""
+    out = Path(out)
+    with atomic_output(out) as tmp:
+        if source == "synthetic":
+            from tierquant.source.synthetic import write_synthetic_checkpoint
+
+            if synthetic is None:
+                raise TierquantError(
+                    "params: model.source is 'synthetic' but model.synthetic is null"
+                )
+            log.info("synthesizing gpt-oss %r (seed %d)", name, synthetic.seed)
+            write_synthetic_checkpoint(tmp, synthetic)
+            what = name
+        else:
+            from tierquant.source.hub import download_snapshot
+
+            if not repo_id or not revision:
+                raise TierquantError("params: a hub model needs model.repo_id and model.revision")
+            log.info("downloading %s@%s", repo_id, revision)
+            sha = download_snapshot(repo_id, revision, list(allow_patterns), tmp)
+            log.info("resolved %s@%s to commit %s", repo_id, revision, sha)
+            what = f"{repo_id}@{sha}"
+        try:
+            ckpt = verify_original(tmp)
+        except TierquantError as e:  # the paths it names are in the temporary, now removed
+            raise TierquantError(f"{what} fails verification, not kept: {e}") from e
+        count, size = len(ckpt.tensors), ckpt.nbytes
+        ckpt.close()
+    log.info("wrote %s: %d tensors, %.2f GB", out, count, size / 1e9)
+    return out
