@@ -11,6 +11,7 @@ damage (the sum of its groups' measured damage) beside the measured kld_mean.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import resource
@@ -19,75 +20,32 @@ import sys
 import time
 from pathlib import Path
 
-from tierquant.build.assemble import assemble_model
-from tierquant.build.quantize import quantize_tier
-from tierquant.check.validate import validate_model
-from tierquant.config import ValidateConfig, compose, validate
-from tierquant.plan.autoplan import auto_plan
-from tierquant.plan.handplan import plan, read_plan
-from tierquant.plan.predict import predict
-from tierquant.quality.evaluate import build_reference
-from tierquant.quality.measure import measure
-from tierquant.source.convert import convert_checkpoint
-from tierquant.source.synthetic import write_synthetic_checkpoint
+from tierquant.check.validate import QualityGate
+from tierquant.config import compose, validate
+from tierquant.core.files import read_json
+from tierquant.pipeline import paths_under, run_stages
+from tierquant.plan.planfile import read_allocation
 
 HAND = {"seed": [], "mixed_3_6": ["recipe=mixed_3_6"]}
 
 
-def build(root: Path, work: Path, overrides: list[str], name: str) -> dict:
-    d = work / "runs" / name
-    cfg = validate(compose(overrides))
-    orig, flt = root / "original", root / "float"
-    tiers = cfg.precisions()
-    alloc = None
-    if cfg.recipe.allocate:
-        alloc = auto_plan(
-            original=orig,
-            measure_dir=root / "measure",
-            budget=cfg.budget,
-            bench=cfg.benchmark,
-            group_size=cfg.quant.group_size,
-            out=d / "plan",
-        )
-    else:
-        plan(original=orig, recipe=cfg.recipe, out=d / "plan")
-    size = predict(
-        plan_dir=d / "plan",
-        original=orig,
-        tiers=cfg.tiers,
-        group_size=cfg.quant.group_size,
-        out=d / "predicted.json",
-    )
-    for tier, p in tiers.items():
-        quantize_tier(
-            tier=tier,
-            tensor_names=[t["name"] for t in read_plan(d / "plan", tier)["tensors"]],
-            precision=p,
-            original_dir=orig,
-            out_dir=d / "quantized" / tier,
-            max_shard_bytes=cfg.model.max_shard_bytes,
-        )
-    assemble_model(
-        tiers=tiers,
-        quantized_dir=d / "quantized",
-        float_dir=flt,
-        original_dir=orig,
-        out_dir=d / "model",
-        size_metrics=d / "size.json",
-        error_plot=d / "quant_error.csv",
-    )
-    m = validate_model(
-        model_dir=d / "model",
-        reference_dir=root / "reference",
-        plan_dir=d / "plan",
-        original_dir=orig,
-        quantized_dir=d / "quantized",
-        tiers=tiers,
-        thresholds=ValidateConfig(),
-        metrics_path=d / "validate.json",
-    )
+SHARED = ("original", "float", "reference", "measure", "measure_plot")  # under --work
+
+
+def build(root: Path, overrides: list[str], name: str) -> dict:
+    """One run under root/runs/<name> through the stages' own code (tierquant.pipeline),
+    sharing root's original, reference and measure; gated by nothing (QualityGate())."""
+    shared = paths_under(validate(compose(overrides)), root)
+    keep = {k: Path(getattr(shared.paths, k)) for k in SHARED}
+    cfg = paths_under(shared, root / "runs" / name, **keep)
+    cfg = dataclasses.replace(cfg, validate=QualityGate())
+    run_stages(cfg, ["plan", "predict", "quantize", "assemble", "validate"])
+    d = root / "runs" / name
     for folder in ("quantized", "model"):  # disk: at wide widths each run is GBs
         shutil.rmtree(d / folder)
+    m = read_json(Path(cfg.paths.validate))
+    size = read_json(Path(cfg.paths.predict))
+    alloc = read_allocation(Path(cfg.paths.plan))
     return {
         "run": name,
         "bits_per_weight": m["bits_per_weight"],
@@ -112,29 +70,17 @@ def main() -> None:
     if unknown:
         ap.error(f"--recipes: unknown {sorted(unknown)}; choose from {list(HAND)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = validate(compose(args.overrides))
     root = args.work
+    cfg = paths_under(validate(compose(args.overrides)), root)
     if not (root / "float").is_dir():
-        (root / "original").mkdir(parents=True, exist_ok=True)
-        write_synthetic_checkpoint(root / "original", cfg.model.synthetic)
-        convert_checkpoint(
-            root / "original", root / "float", max_shard_bytes=cfg.model.max_shard_bytes
-        )
+        run_stages(cfg, ["download", "convert"])
     if not (root / "reference").is_dir():
-        build_reference(original=root / "original", out=root / "reference", eval_config=cfg.eval)
+        run_stages(cfg, ["reference"])
     t = time.perf_counter()
     if (root / "measure" / "damage.json").is_file():  # a rerun: measure's inputs unchanged
         print("measure: reused", root / "measure", flush=True)
     else:
-        measure(
-            original=root / "original",
-            calibration=cfg.calibration,
-            eval_config=cfg.eval,
-            candidates=list(cfg.measure.candidates),
-            group_size=cfg.quant.group_size,
-            out=root / "measure",
-            plot=root / "measure_damage.csv",
-        )
+        run_stages(cfg, ["measure"])
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(
             f"measure: {time.perf_counter() - t:.0f} s "
@@ -144,10 +90,9 @@ def main() -> None:
     rows = []
     for name in args.recipes.split(","):
         ov = HAND[name]
-        hand = build(root, root, [*args.overrides, *ov], name)
+        hand = build(root, [*args.overrides, *ov], name)
         bpw = hand["predicted_bpw"]
         auto = build(
-            root,
             root,
             [*args.overrides, "recipe=auto", f"budget.bits_per_weight={bpw}"],
             f"auto@{name}",

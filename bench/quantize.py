@@ -76,7 +76,7 @@ def write_checkpoints(original: Path, float_dir: Path, experts: int, name: str) 
 def profile(original: Path, name: str, bits: int) -> dict[str, float]:
     import mlx.core as mx
 
-    from tierquant.build.quantize import ERROR_ROW_STRIDE
+    from tierquant.build.manifest import ERROR_ROW_STRIDE
     from tierquant.core.affine import SliceRing, slices
     from tierquant.core.checkpoint import Checkpoint
     from tierquant.core.floatrows import mxfp4_source

@@ -1,39 +1,37 @@
-"""benchmark: `python stages/benchmark.py {model|original} [key=value ...]`.
+"""benchmark@<variant>: data/<variant> (model or original) → its speed and memory.
 
-Measures prefill/generation tok/s and peak memory of data/<variant> on this machine and
-writes data/benchmark/<variant>.json (the full results), <variant>_speed.json (plot rows)
-and the headline metrics metrics/headline/<variant>.json (tok/s at the first context).
+Measures prefill/generation tok/s and peak memory on this machine and writes
+data/benchmark/<variant>.json (the full results), <variant>_speed.json (plot rows) and
+the headline metrics metrics/headline/<variant>.json (tok/s at the first context).
+
+Run by hand as `python stages/benchmark.py variant=model [key=value ...]`.
 """
 
-import sys
 from pathlib import Path
 
 from tierquant.config import Config
+from tierquant.errors import TierquantError
 from tierquant.report.benchmark import VARIANTS, benchmark
 from tierquant.report.headline import write_speed_headline
 from tierquant.stage import stage_main
 
+
+def run(config: Config, variant: str) -> None:
+    """Time data/<variant> with mlx-lm (prefill, generation, peak memory)."""
+    if variant not in VARIANTS:
+        raise TierquantError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    results = benchmark(
+        variant=variant,
+        model_dir=Path(getattr(config.paths, variant)),
+        machine_path=Path(config.paths.machine),
+        settings=config.benchmark,
+        memory_model=config.memory,
+        out_dir=Path(config.paths.benchmark),
+    )
+    write_speed_headline(
+        bench_path=results, variant=variant, headline_dir=Path(config.paths.headline)
+    )
+
+
 if __name__ == "__main__":
-    asks_help = any(a in ("-h", "--help") for a in sys.argv[1:])
-    if not asks_help and (len(sys.argv) < 2 or sys.argv[1] not in VARIANTS):
-        print(
-            f"error: usage: python stages/benchmark.py {{{'|'.join(VARIANTS)}}} [key=value ...]",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-    variant = VARIANTS[0] if asks_help else sys.argv.pop(1)
-
-    def run(config: Config) -> None:
-        """Time data/<variant> with mlx-lm (prefill, generation, peak memory)."""
-        results = benchmark(
-            variant=variant,
-            model_dir=Path(getattr(config.paths, variant)),
-            machine_path=Path(config.paths.machine),
-            settings=config.benchmark,
-            out_dir=Path(config.paths.benchmark),
-        )
-        write_speed_headline(
-            bench_path=results, variant=variant, headline_dir=Path(config.paths.headline)
-        )
-
-    stage_main(run)()
+    stage_main(run, stage_args=("variant",))()

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from tierquant.config import Config
-from tierquant.report.card import CardInputs, SourceModel, build_card, default_repo_id
-from tierquant.report.provenance import build_provenance, config_dict
+from tierquant.config import Config, compose_defaults, config_dict, project_root
+from tierquant.report.card import CardInputs, SourceModel, build_card
+from tierquant.report.provenance import build_provenance
 from tierquant.stage import stage_main
 
 
@@ -23,9 +23,7 @@ def run(config: Config) -> Path:
             predicted=Path(paths.predict),
             sweep=Path(paths.sweep),
         ),
-        repo_id=default_repo_id(
-            config.publish.repo_id, config.publish.namespace, model.name, config.recipe.name
-        ),
+        repo_id=config.repo_id(),
         source=SourceModel(
             name=model.name,
             base_model=model.repo_id if model.source == "hub" else None,
@@ -35,7 +33,9 @@ def run(config: Config) -> Path:
         recipe_name=config.recipe.name,
         group_size=config.quant.group_size,
         chips=dict(config.benchmark.chips),
-        provenance=build_provenance(config_dict(config)),
+        provenance=build_provenance(
+            config_dict(config), root=project_root(), defaults_of=compose_defaults
+        ),
     )
 
 

@@ -7,7 +7,7 @@ from tierquant.quality.measure import measure
 from tierquant.stage import stage_main
 
 
-def measure_stage(config: Config) -> None:
+def run(config: Config) -> None:
     """Stream the original checkpoint (paths.original) over the calibration set
     (calibration.*, kept off the eval windows, eval.*) and score every group at
     measure.candidates (quant.group_size) → paths.measure, and paths.measure_plot (the
@@ -24,4 +24,4 @@ def measure_stage(config: Config) -> None:
 
 
 if __name__ == "__main__":
-    stage_main(measure_stage)()
+    stage_main(run)()

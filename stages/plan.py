@@ -18,7 +18,7 @@ def run(config: Config) -> None:
             original=Path(config.paths.original),
             measure_dir=Path(config.paths.measure),
             budget=config.budget,
-            bench=config.benchmark,
+            memory=config.memory,
             group_size=config.quant.group_size,
             out=Path(config.paths.plan),
         )

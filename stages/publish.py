@@ -3,9 +3,8 @@
 
 from pathlib import Path
 
-from tierquant.config import Config
-from tierquant.report.card import default_repo_id
-from tierquant.report.provenance import build_provenance, config_dict
+from tierquant.config import Config, config_dict, project_root
+from tierquant.report.provenance import build_provenance
 from tierquant.report.publish import Build, Target, publish
 from tierquant.stage import stage_main
 
@@ -21,12 +20,10 @@ def run(config: Config) -> dict:
             model_name=config.model.name,
             recipe_name=config.recipe.name,
             tiers=dict(config.tiers),
-            provenance=build_provenance(config_dict(config), diff=False),
+            provenance=build_provenance(config_dict(config), root=project_root()),
         ),
         target=Target(
-            repo_id=default_repo_id(
-                pub.repo_id, pub.namespace, config.model.name, config.recipe.name
-            ),
+            repo_id=config.repo_id(),
             revision=pub.revision,
             private=pub.private,
             create_pr=pub.create_pr,

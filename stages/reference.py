@@ -7,7 +7,7 @@ from tierquant.quality.evaluate import build_reference
 from tierquant.stage import stage_main
 
 
-def reference(config: Config) -> None:
+def run(config: Config) -> None:
     """Stream the original (paths.original) over the eval set (eval.*) → paths.reference."""
     build_reference(
         original=Path(config.paths.original),
@@ -17,4 +17,4 @@ def reference(config: Config) -> None:
 
 
 if __name__ == "__main__":
-    stage_main(reference)()
+    stage_main(run)()

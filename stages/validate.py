@@ -4,14 +4,13 @@ from pathlib import Path
 
 from tierquant.check.validate import validate_model
 from tierquant.config import Config
-from tierquant.report.headline import write_quality_headline
 from tierquant.stage import stage_main
 
 
-def validate(config: Config) -> None:
+def run(config: Config) -> None:
     """paths.model vs paths.reference (quality), plan + tiers (structure),
     paths.original + the tier manifests in paths.quantized (integrity) → paths.validate
-    metrics, then the gate."""
+    metrics and paths.headline/quality.json, then the gate."""
     validate_model(
         model_dir=Path(config.paths.model),
         reference_dir=Path(config.paths.reference),
@@ -21,18 +20,8 @@ def validate(config: Config) -> None:
         tiers=config.precisions(),
         thresholds=config.validate,
         metrics_path=Path(config.paths.validate),
+        headline_dir=Path(config.paths.headline),
     )
-
-
-def run(config: Config) -> None:
-    """Check data/model's structure and quality against the reference; gate it. The
-    headline metrics are written whatever the verdict (passed: false on a failure)."""
-    try:
-        validate(config)
-    finally:
-        write_quality_headline(
-            validate_path=Path(config.paths.validate), headline_dir=Path(config.paths.headline)
-        )
 
 
 if __name__ == "__main__":

@@ -11,19 +11,19 @@ from pathlib import Path
 import pytest
 
 from bench.common import copy_checkout
-from tierquant.config import SyntheticConfig
+from tierquant.config import SyntheticSpec
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 
-def tiny_spec(**changes) -> SyntheticConfig:
+def tiny_spec(**changes) -> SyntheticSpec:
     """The `tiny` model of conf/model/tiny.yaml, with changes."""
     from tierquant.config import compose
 
     synthetic = compose()["model"]["synthetic"]
     synthetic.update(changes)
-    return SyntheticConfig(**synthetic)
+    return SyntheticSpec(**synthetic)
 
 
 @pytest.fixture(scope="session")
@@ -48,35 +48,17 @@ def tiny_float(tiny_original, tmp_path_factory) -> Path:
 
 
 def build_model(root: Path, original: Path, float_dir: Path, overrides: list[str] = ()):
-    """plan → quantize every tier → assemble, in-process, under `root`; returns
-    (config, model dir, size metrics)."""
-    from tierquant.build.assemble import assemble_model
-    from tierquant.build.quantize import quantize_tier
+    """plan → quantize every tier → assemble, in-process (the stage scripts' own code,
+    tierquant.pipeline), every output under `root`; returns (config, model dir, size
+    metrics)."""
     from tierquant.config import compose, validate
-    from tierquant.plan.handplan import plan, read_plan
+    from tierquant.core.files import read_json
+    from tierquant.pipeline import paths_under, run_stages
 
     config = validate(compose(list(overrides)))
-    tiers = config.precisions()
-    plan(original=original, recipe=config.recipe, out=root / "plan")
-    for tier, precision in tiers.items():
-        quantize_tier(
-            tier=tier,
-            tensor_names=[t["name"] for t in read_plan(root / "plan", tier)["tensors"]],
-            precision=precision,
-            original_dir=original,
-            out_dir=root / "quantized" / tier,
-            max_shard_bytes=config.model.max_shard_bytes,
-        )
-    metrics = assemble_model(
-        tiers=tiers,
-        quantized_dir=root / "quantized",
-        float_dir=float_dir,
-        original_dir=original,
-        out_dir=root / "model",
-        size_metrics=root / "size.json",
-        error_plot=root / "quant_error.csv",
-    )
-    return config, root / "model", metrics
+    config = paths_under(config, root, original=original, float=float_dir)
+    run_stages(config, ["plan", "quantize", "assemble"])
+    return config, Path(config.paths.model), read_json(Path(config.paths.size_metrics))
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import os
 import struct
 from pathlib import Path
 
-from tierquant.config import SyntheticConfig
+from tierquant.config import SyntheticSpec
 from tierquant.core.checkpoint import INDEX_NAME, plan_shards, shard_name
 from tierquant.core.files import write_json
 from tierquant.core.gptoss import GptOssShape, hf_tensor_specs
@@ -19,9 +19,9 @@ REAL_SIZES = {
 }
 
 
-def real_spec(model: str) -> SyntheticConfig:
-    """The sizes of openai/gpt-oss-120b or -20b (docs/gpt-oss-format.md) as a SyntheticConfig."""
-    return SyntheticConfig(
+def real_spec(model: str) -> SyntheticSpec:
+    """The sizes of openai/gpt-oss-120b or -20b (docs/gpt-oss-format.md) as a SyntheticSpec."""
+    return SyntheticSpec(
         num_experts_per_tok=4,
         hidden_size=2880,
         intermediate_size=2880,
@@ -35,7 +35,7 @@ def real_spec(model: str) -> SyntheticConfig:
     )
 
 
-def write_header_only_checkpoint(root: Path, spec: SyntheticConfig) -> Path:
+def write_header_only_checkpoint(root: Path, spec: SyntheticSpec) -> Path:
     """config.json, index and zero-based shards whose data is a hole (sparse file).
 
     The headers are exactly what a real checkpoint of these sizes holds; the reader

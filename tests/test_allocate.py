@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from tests.headers import real_spec, write_header_only_checkpoint
-from tierquant.config import BenchmarkConfig, BudgetConfig, FitBudgetConfig, compose, validate
+from tierquant.config import compose, validate
 from tierquant.core.gptoss import shape_of_checkpoint
 from tierquant.errors import TierquantError
-from tierquant.plan.budget import resolve_budget
-from tierquant.plan.handplan import allocate, footprint
+from tierquant.plan import allocate, footprint
+from tierquant.plan.budget import BudgetRequest, FitRequest, check_budget, resolve_budget
+from tierquant.plan.footprint import MemoryModel
+from tierquant.quality.damage import allocation_groups
 
 
 def brute_force(options, max_bytes, min_bytes=None):
@@ -95,7 +97,7 @@ def test_groups_cover_the_matrices_once():
 
     spec = validate(compose()).model.synthetic
     shape = GptOssShape.from_config(config_json(spec))
-    groups, fixed = allocate.allocation_groups(shape)
+    groups, fixed = allocation_groups(shape)
     assert len(groups) == 4 * shape.num_hidden_layers + 2
     names = [w.name for g in groups for w in g.weights] + [w.name for w in fixed]
     assert len(names) == len(set(names))
@@ -103,7 +105,7 @@ def test_groups_cover_the_matrices_once():
 
 
 def _fit_budget(memory, context, rule):
-    return BudgetConfig(fit=FitBudgetConfig(memory_gib=memory, context=context, wired_limit=rule))
+    return BudgetRequest(fit=FitRequest(memory_gib=memory, context=context, wired_limit=rule))
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +119,10 @@ def _fake_measure(out: Path, original: Path, group_size: int = 64) -> Path:
     """A damage table shaped like the measure stage's, damage 4^-bits × size (no model
     run: these tests are about the budget arithmetic on real shapes)."""
     from tierquant.core.precision import parse_precision
-    from tierquant.plan.allocate import DAMAGE, MEASURE_FORMAT
+    from tierquant.quality.damage import DAMAGE, MEASURE_FORMAT
 
     shape = shape_of_checkpoint(original)
-    groups, _ = allocate.allocation_groups(shape)
+    groups, _ = allocation_groups(shape)
     cands = [2, 3, 4, 5, 6, 8, "mxfp4"]
     table = {}
     for g in groups:
@@ -156,11 +158,13 @@ def test_fit_64gib_32k_on_gpt_oss_120b_fits_the_raised_limit(gpt_oss_120b, tmp_p
         original=gpt_oss_120b,
         measure_dir=measure_dir,
         budget=budget,
-        bench=cfg.benchmark,
+        memory=cfg.memory,
         group_size=64,
         out=tmp_path / "plan",
     )
-    tiers = validate(compose(["model=gpt-oss-120b", "recipe=auto"])).tiers
+    tiers = validate(
+        compose(["model=gpt-oss-120b", "recipe=auto", "budget.bits_per_weight=3.5"])
+    ).tiers
     size = predict(
         plan_dir=tmp_path / "plan",
         original=gpt_oss_120b,
@@ -172,10 +176,10 @@ def test_fit_64gib_32k_on_gpt_oss_120b_fits_the_raised_limit(gpt_oss_120b, tmp_p
     assert weights == report["total_bytes"]
     assert size["budget"]["slack_bytes"] >= 0
     shape = shape_of_checkpoint(gpt_oss_120b)
-    fit = footprint.fit_table(weights, shape, 131072, cfg.benchmark)["sizes"]["64"]
+    fit = footprint.fit_table(weights, shape, 131072, cfg.memory)["sizes"]["64"]
     assert fit["fits_raised"] and fit["max_context_raised"] >= 32768
     kv = footprint.kv_cache_bytes(shape, 32768)
-    limit = (64 - cfg.benchmark.os_reserve_gib - cfg.benchmark.overhead_gib) * 2**30
+    limit = (64 - cfg.memory.os_reserve_gib - cfg.memory.overhead_gib) * 2**30
     assert weights + kv <= limit
     assert limit - (weights + kv) < 0.01 * limit  # the budget is used, not wasted
     # ... and the card states it, from the same prediction file
@@ -185,7 +189,7 @@ def test_fit_64gib_32k_on_gpt_oss_120b_fits_the_raised_limit(gpt_oss_120b, tmp_p
     assert card["budget"] == "fit a 64 GB Mac with a 32,768-token context (raised wired limit)"
     assert (
         card["fit"]["fits"]
-        and card["fit"]["limit_gib"] == f"{limit / 2**30 + cfg.benchmark.overhead_gib:.3f}"
+        and card["fit"]["limit_gib"] == f"{limit / 2**30 + cfg.memory.overhead_gib:.3f}"
     )
     assert card["fit"]["kv_gib"] == f"{kv / 2**30:.3f}"
     assert card["weights_gib"] == f"{weights / 2**30:.3f}"
@@ -203,8 +207,8 @@ def test_bits_per_weight_budget_is_met_within_0_01(gpt_oss_120b, tmp_path, bpw):
     report = auto_plan(
         original=gpt_oss_120b,
         measure_dir=_fake_measure(tmp_path / "m", gpt_oss_120b),
-        budget=BudgetConfig(bits_per_weight=bpw),
-        bench=cfg.benchmark,
+        budget=BudgetRequest(bits_per_weight=bpw),
+        memory=cfg.memory,
         group_size=64,
         out=tmp_path / "plan",
     )
@@ -214,16 +218,16 @@ def test_bits_per_weight_budget_is_met_within_0_01(gpt_oss_120b, tmp_path, bpw):
 
 def test_budget_needs_exactly_one_and_names_keys():
     shape = None
-    kw = dict(shape=shape, total_params=10**6, max_positions=4096, bench=BenchmarkConfig())
+    kw = dict(shape=shape, total_params=10**6, max_positions=4096, memory=MemoryModel())
     with pytest.raises(TierquantError, match="exactly one budget"):
-        resolve_budget(BudgetConfig(), **kw)
+        check_budget(BudgetRequest())
     with pytest.raises(TierquantError, match="exactly one budget"):
-        resolve_budget(BudgetConfig(bits_per_weight=3.0, gib=1.0), **kw)
+        resolve_budget(BudgetRequest(bits_per_weight=3.0, gib=1.0), **kw)
     with pytest.raises(TierquantError, match="budget.fit.wired_limit"):
-        resolve_budget(_fit_budget(64, 1024, "max"), **kw)
+        check_budget(_fit_budget(64, 1024, "max"))
     with pytest.raises(TierquantError, match="budget.fit.context"):
         resolve_budget(_fit_budget(64, 10**6, "raised"), **kw)
-    b = resolve_budget(BudgetConfig(gib=1.5), **kw)
+    b = resolve_budget(BudgetRequest(gib=1.5), **kw)
     assert b.max_bytes == 3 * 2**29 and b.min_bytes is None
 
 
@@ -232,14 +236,16 @@ def test_auto_recipe_config_errors_name_the_key(tiny_original, tmp_path):
 
     with pytest.raises(TierquantError, match="recipe.tiers must be empty"):
         validate(compose(["recipe=auto", "+recipe.tiers.x=[{kinds: [norm]}]"]))
-    cfg = validate(compose(["recipe=auto"]))
+    with pytest.raises(TierquantError, match="exactly one budget"):
+        validate(compose(["recipe=auto"]))  # refused at load, before any stage works
+    cfg = validate(compose(["recipe=auto", "budget.gib=1"]))
     measure_dir = _fake_measure(tmp_path / "m", tiny_original)
     with pytest.raises(TierquantError, match="exactly one budget"):
         auto_plan(
             original=tiny_original,
             measure_dir=measure_dir,
-            budget=cfg.budget,
-            bench=cfg.benchmark,
+            budget=BudgetRequest(),
+            memory=cfg.memory,
             group_size=64,
             out=tmp_path / "plan",
         )
@@ -248,8 +254,8 @@ def test_auto_recipe_config_errors_name_the_key(tiny_original, tmp_path):
         auto_plan(
             original=tiny_original,
             measure_dir=measure_dir,
-            budget=BudgetConfig(bits_per_weight=4.0),
-            bench=cfg.benchmark,
+            budget=BudgetRequest(bits_per_weight=4.0),
+            memory=cfg.memory,
             group_size=32,
             out=tmp_path / "plan",
         )

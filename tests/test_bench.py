@@ -14,14 +14,16 @@ import pytest
 
 from tests.conftest import run_stage
 from tests.headers import real_spec
-from tierquant.config import BenchmarkConfig, compose, validate
+from tierquant.config import compose, validate
 from tierquant.core.checkpoint import Checkpoint, TensorSpec
 from tierquant.core.files import read_json, write_json
 from tierquant.core.gptoss import GptOssShape, Weight, hf_tensor_specs, mlx_weights
 from tierquant.errors import TierquantError
-from tierquant.plan.handplan import footprint
+from tierquant.plan import footprint
+from tierquant.plan.footprint import MemoryModel
 from tierquant.plan.recipe import assign
 from tierquant.report import benchmark as bench
+from tierquant.report.benchmark import BenchmarkSettings
 from tierquant.report.machine import machine_info, write_machine
 from tierquant.source.synthetic import config_json
 
@@ -90,7 +92,7 @@ def test_tables_on_the_tiny_model(tiny_original):
     assert footprint.kv_cache_bytes(shape, 10) == per * 6 * 10
     assert footprint.kv_cache_bytes(shape, 1000) == per * (3 * 1000 + 3 * 32)
 
-    cfg = BenchmarkConfig(memory_gib=[32, 64], overhead_gib=0.0)
+    cfg = MemoryModel(memory_gib=[32, 64], overhead_gib=0.0)
     fit = footprint.fit_table(size["total"], shape, 131072, cfg)
     assert fit["sizes"]["64"]["max_context_default"] == 131072  # capped at the model's limit
     assert fit["sizes"]["32"]["gpu_limit_gib_default"] == pytest.approx(32 * 0.6667, abs=0.01)
@@ -237,6 +239,7 @@ def test_benchmark_stage_on_the_tiny_original(tmp_path, tiny_original):
         model_dir=tiny_original,
         machine_path=Path(config.paths.machine),
         settings=config.benchmark,
+        memory_model=config.memory,
         out_dir=Path(config.paths.benchmark),
     )
     metrics = json.loads(out.read_text())
@@ -265,9 +268,9 @@ def test_benchmark_stage_on_the_tiny_original(tmp_path, tiny_original):
 
 
 def test_context_longer_than_the_model_allows(tmp_path, tiny_original):
-    cfg = replace(BenchmarkConfig(), contexts=[131000], generate_tokens=128)
+    cfg = replace(BenchmarkSettings(), contexts=[131000], generate_tokens=128)
     with pytest.raises(TierquantError, match="max_position_embeddings 131072"):
-        bench.run_benchmark(tiny_original, cfg)
+        bench.run_benchmark(tiny_original, cfg, MemoryModel())
 
 
 def test_unloadable_model_fails_clearly(tmp_path, tiny_original):
@@ -277,12 +280,12 @@ def test_unloadable_model_fails_clearly(tmp_path, tiny_original):
     config["model_type"] = "no_such_model"
     write_json(bad / "config.json", config)
     with pytest.raises(TierquantError, match="mlx_lm.load failed"):
-        bench.run_benchmark(bad, BenchmarkConfig(**QUICK))
+        bench.run_benchmark(bad, BenchmarkSettings(**QUICK), MemoryModel())
 
 
 def test_missing_model_dir_names_it(tmp_path):
     with pytest.raises(TierquantError, match="does not exist"):
-        bench.run_benchmark(tmp_path / "model", BenchmarkConfig(**QUICK))
+        bench.run_benchmark(tmp_path / "model", BenchmarkSettings(**QUICK), MemoryModel())
 
 
 @pytest.mark.parametrize("case", ["too_long", "unloadable", "missing_machine"])
@@ -298,7 +301,7 @@ def test_stage_script_fails_without_traceback(tmp_path, tiny_original, case):
         (tmp_path / "machine.json").write_text("{}\n")
     if case == "too_long":
         overrides.append("benchmark.contexts=[200000]")
-    proc = run_stage("benchmark", "original", *overrides)
+    proc = run_stage("benchmark", "variant=original", *overrides)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     expected = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tierquant.config import CalibrationConfig, EvalConfig, compose, validate
+from tierquant.config import CalibrationSet, EvalSet, compose, validate
 from tierquant.errors import TierquantError
 from tierquant.quality import calibration
 
@@ -16,7 +16,7 @@ def _positions(tokens_len: int, starts: list[int], length: int) -> set[int]:
 
 @pytest.mark.parametrize("n_tokens", [2048 + 1, 5000, 11_533])
 def test_windows_between_eval_windows_are_disjoint(n_tokens):
-    ev, cal = EvalConfig(num_windows=16, window_length=128), CalibrationConfig()
+    ev, cal = EvalSet(num_windows=16, window_length=128), CalibrationSet()
     taken = [(s, s + 128) for s in calibration.eval_starts(n_tokens, 16)]
     runs = calibration.free_runs(n_tokens, taken)
     try:
@@ -61,17 +61,17 @@ def test_default_calibration_is_disjoint_from_default_eval_on_the_bundled_corpus
 
 
 def test_too_many_calibration_windows_names_the_key(tiny_original):
-    cal = CalibrationConfig(num_windows=200, window_length=128)
+    cal = CalibrationSet(num_windows=200, window_length=128)
     with pytest.raises(TierquantError, match="calibration.num_windows"):
-        calibration.calibration_windows(cal, EvalConfig(), tiny_original)
+        calibration.calibration_windows(cal, EvalSet(), tiny_original)
 
 
 def test_other_text_is_not_carved(tmp_path, tiny_original):
     text = tmp_path / "cal.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    cal = CalibrationConfig(path=str(text), num_windows=4, window_length=32)
-    assert not calibration.same_text(cal, EvalConfig())
-    out = calibration.calibration_windows(cal, EvalConfig(), tiny_original)
+    cal = CalibrationSet(path=str(text), num_windows=4, window_length=32)
+    assert not calibration.same_text(cal, EvalSet())
+    out = calibration.calibration_windows(cal, EvalSet(), tiny_original)
     assert out.shape == (4, 32)
 
 

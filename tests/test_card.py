@@ -12,10 +12,11 @@ from huggingface_hub import ModelCard
 
 from stages.card import run as build_card  # the stage's call of tierquant.report.card.build_card
 from tests.conftest import build_model
-from tierquant.config import compose, validate
+from tierquant.config import compose, compose_defaults, config_dict, project_root, validate
+from tierquant.plan.footprint import MemoryModel
 from tierquant.report.benchmark import VARIANTS, Measured, benchmark_report, write_benchmark
 from tierquant.report.card import TEMPLATE, layer_ranges, module_summary
-from tierquant.report.provenance import config_dict, override_value, params_diff, repro_command
+from tierquant.report.provenance import override_value, params_diff, repro_command
 
 ROOT = Path(__file__).resolve().parents[1]
 QUALITY = {
@@ -96,7 +97,7 @@ def _write_bench(out_dir: Path, variant: str, model_dir: Path, gen: float) -> di
         seconds=dict.fromkeys(cfg.contexts, 1.0),
         bandwidth={"gbps": 18.26},
     )
-    metrics, rows = benchmark_report(model_dir, cfg, MACHINE, measured)
+    metrics, rows = benchmark_report(model_dir, cfg, MemoryModel(), MACHINE, measured)
     return json.loads(write_benchmark(out_dir, variant, metrics, rows).read_text())
 
 
@@ -221,14 +222,21 @@ def test_card_renders_without_benchmark_or_validation(run_dir: Path, tmp_path: P
 
 
 def test_params_diff_and_repro_command(run_dir: Path) -> None:
-    diff = params_diff(config_dict(_config(run_dir, "tiers.experts=4")))
+    diff = params_diff(
+        config_dict(_config(run_dir, "tiers.experts=4")), compose_defaults, project_root()
+    )
     keys = [k for k, _, _ in diff["changed"]]
     assert "tiers.experts" in keys
     assert "tiers.experts=4" in diff["overrides"]
     assert repro_command(["tiers.experts=4"]) == "dvc exp run -S tiers.experts=4"
-    diff = params_diff(config_dict(validate(compose(["recipe=mixed_3_6"]))))
+    diff = params_diff(
+        config_dict(validate(compose(["recipe=mixed_3_6"]))), compose_defaults, project_root()
+    )
     assert diff["overrides"] == ["recipe=mixed_3_6"] and diff["changed"] == []
-    assert params_diff(config_dict(validate(compose())))["overrides"] == []
+    assert (
+        params_diff(config_dict(validate(compose())), compose_defaults, project_root())["overrides"]
+        == []
+    )
     assert repro_command([]) == "dvc repro"
     assert override_value("1/4") == "1/4" and override_value("a b") == "'a b'"
     assert override_value(None) == "null" and override_value([1, 2]) == "[1,2]"

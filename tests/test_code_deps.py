@@ -19,9 +19,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = "tierquant"
 # Plumbing, not output: the params schema and its loading (params are declared as
-# params), the stage entry point, the command line, the cache tool, the exception type,
+# params), the stage entry point and its in-process runner, the command line, the cache
+# tool, the exception type,
 # and the packages' __init__ files (docstrings only: test_subpackage_inits_hold_no_code).
-PLUMBING = {"config", "stage", "cli", "dvccache", "errors"}
+PLUMBING = {"config", "stage", "cli", "dvccache", "errors", "pipeline"}
 
 
 def _module_file(name: str) -> Path:

@@ -87,7 +87,7 @@ def test_stage_help_says_what_the_stage_does():
         ("validate.top1_min=1.5", "validate.top1_min"),
         ("validate.kld_mean_max=-0.1", "validate.kld_mean_max"),
         ("validate.ppl_ratio_max=0", "validate.ppl_ratio_max"),
-        ("benchmark.overhead_gib=-2", "benchmark.overhead_gib"),
+        ("memory.overhead_gib=-2", "memory.overhead_gib"),
         ("model.max_shard_bytes=0", "model.max_shard_bytes"),
         ("model.synthetic.hidden_size=0", "model.synthetic.hidden_size"),
     ],

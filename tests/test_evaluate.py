@@ -20,7 +20,7 @@ from huggingface_hub import constants
 from tests.conftest import REPO, copy_repo, run
 from tierquant.check.structure import check_structure
 from tierquant.check.validate import validate_model
-from tierquant.config import EvalConfig, compose, validate
+from tierquant.config import EvalSet, compose, validate
 from tierquant.errors import TierquantError
 from tierquant.quality import evalset, evaluate
 
@@ -64,7 +64,7 @@ def test_windows_are_deterministic_evenly_spread_and_disjoint(tiny_original):
     w = evalset.make_windows(np.arange(1000), 4, 100)
     assert w.dtype == np.int32 and w.shape == (4, 100)
     assert [int(r[0]) for r in w] == [0, 250, 500, 750]
-    ev = EvalConfig()
+    ev = EvalSet()
     a = evalset.eval_windows(ev, tiny_original)
     b = evalset.eval_windows(ev, tiny_original)
     assert a.shape == (16, 128) and np.array_equal(a, b)
@@ -74,7 +74,7 @@ def test_windows_are_deterministic_evenly_spread_and_disjoint(tiny_original):
 
 def test_reference_holds_the_exact_windows(reference, tiny_original):
     ref = evaluate.load_reference(reference)
-    assert np.array_equal(ref.tokens, evalset.eval_windows(EvalConfig(), tiny_original))
+    assert np.array_equal(ref.tokens, evalset.eval_windows(EvalSet(), tiny_original))
     assert ref.topk_ids.shape == (16, 127, 64) and ref.nll.shape == (16, 127)
     assert np.all(np.diff(ref.topk_logp, axis=-1) <= 0)  # descending
     # argmax is stored apart from top-k: bf16 logits tie, and the two may break ties apart.
@@ -89,11 +89,11 @@ def test_reference_holds_the_exact_windows(reference, tiny_original):
 def test_too_short_text_names_the_keys(tmp_path, tiny_original):
     short = tmp_path / "short.txt"
     short.write_text("It was the best of times, it was the worst of times. " * 20)
-    ev = EvalConfig(path=str(short))
+    ev = EvalSet(path=str(short))
     with pytest.raises(TierquantError, match=r"eval\.num_windows × eval\.window_length"):
         evalset.eval_windows(ev, tiny_original)
     with pytest.raises(TierquantError, match="eval.path"):
-        evalset.load_eval_text(EvalConfig(path=str(tmp_path / "missing.txt")))
+        evalset.load_eval_text(EvalSet(path=str(tmp_path / "missing.txt")))
 
 
 @pytest.mark.parametrize(
@@ -135,9 +135,9 @@ def test_hub_dataset_source(hub):
         "README.md": b"# eval\n",
     }
     sha = hub.add_commit("org/eval", files, repo_type="dataset")
-    ev = EvalConfig(source="hub", repo_id="org/eval", revision=sha, files="data/test-*.jsonl")
+    ev = EvalSet(source="hub", repo_id="org/eval", revision=sha, files="data/test-*.jsonl")
     assert evalset.load_eval_text(ev, endpoint=hub.endpoint) == "line 0\nline 1\nline 2\n\nlast"
-    txt = EvalConfig(source="hub", repo_id="org/eval", files="plain.txt")
+    txt = EvalSet(source="hub", repo_id="org/eval", files="plain.txt")
     assert evalset.load_eval_text(txt, endpoint=hub.endpoint) == "plain text"
     assert ("GET", f"/datasets/org/eval/resolve/{sha}/data/test-00000.jsonl") in hub.requests
     for changes, named in [
@@ -146,7 +146,7 @@ def test_hub_dataset_source(hub):
         ({"repo_id": "org/none"}, "eval.repo_id"),
         ({"text_column": "body"}, "eval.text_column"),
     ]:
-        bad = EvalConfig(**{**vars(ev), **changes})
+        bad = EvalSet(**{**vars(ev), **changes})
         with pytest.raises(TierquantError, match=re.escape(named)):
             evalset.load_eval_text(bad, endpoint=hub.endpoint)
 
@@ -242,7 +242,7 @@ def test_a_zeroed_expert_tensor_fails_naming_the_metric(reference, models, tmp_p
 
 def test_topk_estimate_is_a_lower_bound_within_its_error_bound(tiny_original, models):
     tokens = evalset.make_windows(
-        evalset.tokenize(evalset.load_eval_text(EvalConfig()), tiny_original), 4, 64
+        evalset.tokenize(evalset.load_eval_text(EvalSet()), tiny_original), 4, 64
     )
     exact = evaluate.streamed_reference(tiny_original, tokens, top_k=1024, batch_size=4)
     top16 = evaluate.streamed_reference(tiny_original, tokens, top_k=16, batch_size=4)

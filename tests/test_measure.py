@@ -9,17 +9,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tierquant.config import CalibrationConfig, EvalConfig
+from tierquant.config import CalibrationSet, EvalSet
 from tierquant.quality.calibration import calibration_windows
 
 
 @pytest.fixture(scope="module")
 def measured(tiny_original):
-    from tierquant.plan.allocate import parse_candidates
+    from tierquant.core.precision import parse_candidates
     from tierquant.quality.measure import measure_damage
 
     tokens = calibration_windows(
-        CalibrationConfig(num_windows=2, window_length=32), EvalConfig(), tiny_original
+        CalibrationSet(num_windows=2, window_length=32), EvalSet(), tiny_original
     )
     cands = parse_candidates([2, 3, "mxfp4"], 64)
     return (
@@ -81,7 +81,7 @@ def _end_to_end(original_dir, float_dir, tokens, names, precision) -> float:
 @pytest.mark.parametrize("group", ["layers.5.experts_down", "layers.5.attn_vo", "lm_head"])
 def test_exact_where_the_projection_is_exact(measured, tiny_original, tiny_float, group):
     from tierquant.core.gptoss import shape_of_checkpoint
-    from tierquant.plan.allocate import allocation_groups
+    from tierquant.quality.damage import allocation_groups
 
     tokens, cands, damage = measured
     groups = {g.name: g for g in allocation_groups(shape_of_checkpoint(tiny_float))[0]}
@@ -110,7 +110,6 @@ def test_candidate_modules_hold_the_quantize_stages_bytes(tiny_original, tiny_fl
     quantize stage reads the float checkpoint: the bytes must be the same."""
     import mlx.core as mx
 
-    from tierquant.core.affine import quantize_tensor
     from tierquant.core.checkpoint import Checkpoint
     from tierquant.core.gptoss import mlx_weights, shape_of_checkpoint
     from tierquant.core.precision import parse_precision
@@ -178,3 +177,12 @@ def test_quantize_rows_in_small_slices_equals_one_quantize(
     for key, a, b in zip(("weight", "scales", "biases"), got, want, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, key
         assert mx.array_equal(a, b).item(), key
+
+
+def quantize_tensor(src, name: str, precision):
+    """Tensor `name` of checkpoint `src` at an affine `precision` (see `quantize_rows`)."""
+    from tierquant.core.affine import checkpoint_rows, quantize_rows
+    from tierquant.core.parallel import slice_streams
+
+    rows = checkpoint_rows(src, name, depth=len(slice_streams()))
+    return quantize_rows(rows, src.info(name).shape, precision)

@@ -11,8 +11,8 @@ import pytest
 from tierquant.core.mxfp4 import (
     FP4_VALUES,
     MXFP4Error,
-    bf16_bits_to_float32,
     dequantize_to_bf16_bits,
+    from_bf16_bits,
     quantize_from_float,
 )
 from tierquant.errors import TierquantError
@@ -102,8 +102,8 @@ def test_subnormal_and_extreme_values() -> None:
     assert got[0, 0] == 0x0060  # 1.5 * 2^-127 = 0.75 * 2^-126: bf16 subnormal
     assert got[0, 1] == 0x0140  # 6 * 2^-127 = 1.5 * 2^-125: smallest exponents, normal
     assert got[0, 2] == 0x0020  # 0.5 * 2^-127 = 2^-128: bf16 subnormal
-    assert bf16_bits_to_float32(got[1, 1:2])[0] == np.float32(6.0 * 2.0**125)
-    assert bf16_bits_to_float32(got[0, 2:3])[0] == np.float32(2.0**-128)
+    assert from_bf16_bits(got[1, 1:2])[0] == np.float32(6.0 * 2.0**125)
+    assert from_bf16_bits(got[0, 2:3])[0] == np.float32(2.0**-128)
     assert got[0, 3] == 0 and got[1, 31] == 0
 
 
@@ -219,7 +219,7 @@ def test_quantize_round_trip() -> None:
     blocks2, scales2 = quantize_from_float(w)
     np.testing.assert_array_equal(blocks, blocks2)
     np.testing.assert_array_equal(scales, scales2)
-    back = bf16_bits_to_float32(dequantize_to_bf16_bits(blocks, scales)).reshape(w.shape)
+    back = from_bf16_bits(dequantize_to_bf16_bits(blocks, scales)).reshape(w.shape)
     groups = w.reshape(3, 8, 4, 32)
     err = np.abs(back.reshape(groups.shape) - groups).max(axis=-1)
     amax = np.abs(groups).max(axis=-1)
@@ -237,7 +237,7 @@ def test_quantize_exact_values_round_trip_exactly() -> None:
     w = (np.array(FP4_VALUES)[codes].reshape(5, 2, 32) * np.ldexp(1.0, exps)).reshape(5, 64)
     w[:, ::32] = 6.0 * np.ldexp(1.0, exps[:, :, 0])  # pin each group's scale
     blocks, scales = quantize_from_float(w.astype(np.float32))
-    back = bf16_bits_to_float32(dequantize_to_bf16_bits(blocks, scales))
+    back = from_bf16_bits(dequantize_to_bf16_bits(blocks, scales))
     np.testing.assert_array_equal(back, w.astype(np.float32))
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import REPO, run_stage, tiny_spec
 from tests.headers import real_spec, write_header_only_checkpoint
-from tierquant.config import Config, SyntheticConfig, compose, validate
+from tierquant.config import Config, SyntheticSpec, compose, validate
 from tierquant.core.gptoss import KINDS, GptOssShape, mlx_weights
 from tierquant.core.precision import parse_precision
 from tierquant.errors import TierquantError
@@ -316,7 +316,7 @@ def mlx_lm_mixed_3_6(n: int) -> dict[str, int | None]:
     from mlx_lm.convert import mixed_quant_predicate_builder
     from mlx_lm.models.gpt_oss import Model, ModelArgs
 
-    spec = SyntheticConfig(
+    spec = SyntheticSpec(
         num_hidden_layers=n, hidden_size=64, intermediate_size=64, num_local_experts=2
     )
     model = Model(ModelArgs.from_dict(config_json(spec)))
@@ -334,7 +334,7 @@ def test_mixed_3_6_recipe_reproduces_mlx_lm(n):
     cfg = config("recipe=mixed_3_6")
     assert cfg.tiers == {"control": "bf16", "router": 3, "high": 6, "low": 3}
     shape = shape_of(
-        SyntheticConfig(
+        SyntheticSpec(
             num_hidden_layers=n, hidden_size=64, intermediate_size=64, num_local_experts=2
         )
     )

@@ -11,7 +11,7 @@ import numpy as np
 import oracle
 import pytest
 
-from tierquant.config import EvalConfig
+from tierquant.config import EvalSet
 from tierquant.quality import evalset, evaluate
 from tierquant.quality.klstats import summarize
 from tierquant.quality.stream import StreamedModel, compute_dtype
@@ -21,7 +21,7 @@ BATCH = 4
 
 @pytest.fixture(scope="module")
 def tokens(tiny_original):
-    return evalset.eval_windows(EvalConfig(num_windows=8, window_length=64), tiny_original)
+    return evalset.eval_windows(EvalSet(num_windows=8, window_length=64), tiny_original)
 
 
 @pytest.fixture(scope="module")

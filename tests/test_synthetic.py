@@ -131,7 +131,7 @@ def test_random_head_is_as_peaked_as_the_fitted_one(tmp_path):
     """Without fit_to_corpus the lm_head is random; its logits on unit-RMS hidden states
     (what the final RMSNorm gives) have mean entropy near TARGET_ENTROPY, not the
     near-zero entropy of standard-normal head rows (logit std sqrt(hidden))."""
-    from tierquant.core.bf16 import from_bf16_bits
+    from tierquant.core.mxfp4 import from_bf16_bits
     from tierquant.source.synthetic import TARGET_ENTROPY
 
     spec = tiny_spec(num_hidden_layers=2, num_local_experts=2, hidden_size=256, fit_to_corpus=False)
@@ -174,7 +174,7 @@ def test_mlx_lm_builds_mxfp4_experts_from_interleaved_rows(tiny_original, loaded
 def test_next_token_distributions_are_peaked_and_generation_works(loaded):
     from mlx_lm import generate
 
-    from tierquant.source.tokenizer import load_corpus
+    from tierquant.quality.evalset import load_corpus
 
     model, tokenizer = loaded
     ids = tokenizer.encode(load_corpus()[:4000])[:256]

@@ -13,15 +13,30 @@ import pytest
 
 from tierquant.core.gptoss import TOKENIZER_FILES
 from tierquant.errors import TierquantError
+from tierquant.quality.evalset import load_corpus
 from tierquant.source.tokenizer import (
     SPECIAL_TOKENS,
     build_tokenizer_files,
-    load_corpus,
     special_token_ids,
-    write_tokenizer_files,
 )
 
 N = 1000  # regular tokens in the test tokenizer
+
+
+def write_tokenizer_files(
+    out_dir: Path, num_regular: int, corpus: str | None = None
+) -> dict[str, int]:
+    """Write the tokenizer files into ``out_dir`` and return the special-token ids.
+
+    ``corpus`` defaults to the bundled one (``load_corpus()``).
+    """
+    text = load_corpus() if corpus is None else corpus
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in build_tokenizer_files(num_regular, text).items():
+        (out_dir / name).write_bytes(data)
+    return special_token_ids(num_regular)
+
 
 # Texts that must survive encode -> decode: non-ASCII, digits, runs of whitespace, contractions.
 ROUND_TRIP_TEXTS = [
@@ -100,7 +115,8 @@ def test_build_is_byte_identical_across_runs_and_processes() -> None:
     # Another interpreter with a different string-hash seed must produce the same bytes.
     code = (
         "import hashlib, json; "
-        "from tierquant.source.tokenizer import build_tokenizer_files, load_corpus;"
+        "from tierquant.quality.evalset import load_corpus;"
+        "from tierquant.source.tokenizer import build_tokenizer_files;"
         f"f = build_tokenizer_files({N}, load_corpus());"
         "print(json.dumps({k: hashlib.sha256(v).hexdigest() for k, v in sorted(f.items())}))"
     )

@@ -17,9 +17,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tierquant.core.precision import Precision, parse_tiers
+from tierquant.check.validate import QualityGate
+from tierquant.core.precision import Precision, parse_candidates, parse_tiers
 from tierquant.errors import TierquantError
+from tierquant.plan.autotiers import check_auto_tiers, router_precision
+from tierquant.plan.budget import BudgetRequest, check_budget
+from tierquant.plan.footprint import MemoryModel
 from tierquant.plan.recipe import RecipeConfig, check_recipe, typed_rules
+from tierquant.quality.evalset import CalibrationSet, EvalSet, TextSet
+from tierquant.report.benchmark import BenchmarkSettings
+from tierquant.report.release import default_repo_id
+from tierquant.source.synthetic import SyntheticSpec
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -40,26 +48,6 @@ def project_root(start: Path | None = None) -> Path:
 
 
 @dataclass
-class SyntheticConfig:
-    """Shape and seed of a synthetic gpt-oss checkpoint (see tierquant.source.synthetic)."""
-
-    seed: int = 0
-    num_hidden_layers: int = 6
-    num_local_experts: int = 8
-    num_experts_per_tok: int = 2
-    hidden_size: int = 128
-    intermediate_size: int = 128
-    head_dim: int = 64
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    sliding_window: int = 32
-    vocab_size: int = 1024
-    num_regular_tokens: int = 1000
-    max_shard_bytes: int = 1_000_000
-    fit_to_corpus: bool = True
-
-
-@dataclass
 class ModelConfig:
     """Which checkpoint the pipeline starts from."""
 
@@ -70,7 +58,7 @@ class ModelConfig:
     license: str = "apache-2.0"
     allow_patterns: list[str] = field(default_factory=list)
     max_shard_bytes: int = 5_000_000_000  # cap for the checkpoints we write (convert, model)
-    synthetic: SyntheticConfig | None = None
+    synthetic: SyntheticSpec | None = None
 
 
 @dataclass
@@ -97,42 +85,6 @@ class PathsConfig:
 
 
 @dataclass
-class TextSetConfig:
-    """A set of token windows: text -> tokens -> `num_windows` windows of `window_length`.
-
-    `source: text` reads `path` (null: the bundled tierquant/assets/corpus.txt);
-    `source: hub` fetches `files` (a path or glob in the dataset repo: .txt, .json,
-    .jsonl) of dataset `repo_id`@`revision`, joining `text_column` of each record.
-    """
-
-    source: str = "text"  # "text" or "hub"
-    path: str | None = None
-    repo_id: str | None = None
-    revision: str | None = None
-    files: str | None = None
-    text_column: str = "text"
-    num_windows: int = 16
-    window_length: int = 128
-    batch_size: int = 4
-
-
-@dataclass
-class EvalConfig(TextSetConfig):
-    """The eval set (TextSetConfig's fields); `top_k` reference log-probs per token are
-    stored (see tierquant.quality.evaluate)."""
-
-    top_k: int = 64
-
-
-@dataclass
-class CalibrationConfig(TextSetConfig):
-    """The calibration set the `measure` stage computes damage on (tierquant.quality.calibration):
-    TextSetConfig's fields. When it reads the same text as the eval set, its windows are
-    placed between the eval windows, so no token position is in both (checked).
-    """
-
-
-@dataclass
 class MeasureConfig:
     """Candidate precisions the `measure` stage scores for each allocation group:
     affine bits (at quant.group_size) and `mxfp4` (expert groups only)."""
@@ -141,71 +93,10 @@ class MeasureConfig:
 
 
 @dataclass
-class FitBudgetConfig:
-    """`budget.fit`: the weights may take what the fit table's memory model leaves free
-    on a Mac of `memory_gib` with a `context`-token KV cache (tierquant.plan.budget)."""
-
-    memory_gib: float | None = None
-    context: int | None = None
-    wired_limit: str = "raised"  # "default" or "raised" (see tierquant.plan.footprint.fit_table)
-
-
-@dataclass
-class BudgetConfig:
-    """The size budget of `recipe=auto` (tierquant.plan.budget): exactly one of
-    `bits_per_weight`, `gib` (weights) or `fit.memory_gib` (+ `fit.context`)."""
-
-    bits_per_weight: float | None = None
-    gib: float | None = None
-    fit: FitBudgetConfig = field(default_factory=FitBudgetConfig)
-    router: str = "bf16"  # the router is not allocated: bf16 or 8 (gpt-oss's own 8-bit)
-
-
-@dataclass
-class ValidateConfig:
-    """Quality gate thresholds (null disables one) and the structural tolerance."""
-
-    kld_mean_max: float | None = None
-    kld_p99_max: float | None = None
-    kld_max_max: float | None = None
-    top1_min: float | None = None
-    ppl_ratio_max: float | None = None
-    bpw_tolerance: float = 0.01  # relative: |actual - predicted| / predicted
-
-
-@dataclass
 class QuantConfig:
     """Affine quantization settings shared by every integer-bits tier."""
 
     group_size: int = 64  # 32, 64 or 128 (mx.quantize)
-
-
-@dataclass
-class BenchmarkConfig:
-    """Speed benchmark settings, and the data its fit and bandwidth tables use.
-
-    See tierquant.report.benchmark. `contexts` are prompt lengths; each is timed `trials` times
-    after `warmup` untimed runs. `memory_gib` are the unified-memory sizes of the fit
-    table; the GPU may use `gpu_fraction` of them (`gpu_fraction_small` at or below
-    `small_memory_gib`: macOS's default wired limit) or, with the limit raised, all but
-    `os_reserve_gib`; `overhead_gib` is kept free for activations and buffers. `chips`
-    maps a chip name to its memory bandwidth in GB/s (vendor figures).
-    """
-
-    contexts: list[int] = field(default_factory=lambda: [1024, 4096])
-    generate_tokens: int = 128
-    trials: int = 3
-    warmup: int = 1
-    seed: int = 0
-    prefill_step_size: int = 2048
-    probe_mib: int = 512
-    memory_gib: list[int] = field(default_factory=lambda: [32, 64, 96, 128, 192])
-    gpu_fraction: float = 0.75
-    gpu_fraction_small: float = 0.6667
-    small_memory_gib: float = 36.0
-    os_reserve_gib: float = 8.0
-    overhead_gib: float = 2.0
-    chips: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -230,18 +121,24 @@ class PublishConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval: EvalSet = field(default_factory=EvalSet)
+    calibration: CalibrationSet = field(default_factory=CalibrationSet)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
-    validate: ValidateConfig = field(default_factory=ValidateConfig)
-    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    budget: BudgetRequest = field(default_factory=BudgetRequest)
+    validate: QualityGate = field(default_factory=QualityGate)
+    memory: MemoryModel = field(default_factory=MemoryModel)
+    benchmark: BenchmarkSettings = field(default_factory=BenchmarkSettings)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     # tier -> precision: int bits (affine, quant.group_size), 16/bf16, or mxfp4;
     # parsed by tierquant.core.precision.parse_tiers (Config.precisions()).
     tiers: dict[str, Any] = field(default_factory=dict)
     quant: QuantConfig = field(default_factory=QuantConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+
+    def repo_id(self) -> str:
+        """The Hub repository this build is for (`publish.repo_id` or its default)."""
+        pub = self.publish
+        return default_repo_id(pub.repo_id, pub.namespace, self.model.name, self.recipe.name)
 
     def precisions(self) -> dict[str, Precision]:
         """`tiers` parsed: tier name -> tierquant.core.precision.Precision, in order."""
@@ -272,6 +169,7 @@ def _check_semantics(config: Config) -> None:
     _check_eval(config.eval)
     _check_eval(config.calibration, "calibration")
     _check_benchmark(config.benchmark)
+    _check_memory(config.memory)
     _check_validate(config.validate)
     _check_model_sizes(config.model)
     _check_recipe_and_tiers(config)
@@ -298,7 +196,13 @@ def _check_recipe_and_tiers(config: Config) -> None:
     if config.recipe.tiers:
         config.recipe.tiers = typed_rules(config.recipe.tiers)
     check_recipe(config.recipe)
-    config.precisions()
+    precisions = config.precisions()
+    group_size = config.quant.group_size
+    parse_candidates(config.measure.candidates, group_size, "measure.candidates")
+    router_precision(config.budget.router, group_size)
+    if config.recipe.allocate:
+        check_auto_tiers(precisions)
+        check_budget(config.budget)
 
 
 def _check_range(
@@ -317,7 +221,7 @@ def _check_range(
         )
 
 
-def _check_validate(v: ValidateConfig) -> None:
+def _check_validate(v: QualityGate) -> None:
     for key in ("kld_mean_max", "kld_p99_max", "kld_max_max", "bpw_tolerance"):
         _check_range(f"validate.{key}", getattr(v, key), 0)
     _check_range("validate.top1_min", v.top1_min, 0, 1)
@@ -332,7 +236,7 @@ def _check_model_sizes(model: ModelConfig) -> None:
                 _check_range(f"model.synthetic.{key}", value, 1)
 
 
-def _check_eval(ev: TextSetConfig, section: str = "eval") -> None:
+def _check_eval(ev: TextSet, section: str = "eval") -> None:
     if ev.source == "hub":
         if not ev.repo_id or not ev.files:
             raise TierquantError(
@@ -350,7 +254,17 @@ def _check_eval(ev: TextSetConfig, section: str = "eval") -> None:
         )
 
 
-def _check_benchmark(b: BenchmarkConfig) -> None:
+def _check_memory(m: MemoryModel) -> None:
+    for key in ("gpu_fraction", "gpu_fraction_small"):
+        if not 0 < getattr(m, key) <= 1:
+            raise TierquantError(f"params: memory.{key} must be in (0, 1], got {getattr(m, key)}")
+    for key in ("small_memory_gib", "os_reserve_gib", "overhead_gib"):
+        _check_range(f"memory.{key}", getattr(m, key), 0)
+    for size in m.memory_gib:
+        _check_range("memory.memory_gib", size, 0, open_low=True)
+
+
+def _check_benchmark(b: BenchmarkSettings) -> None:
     if not b.contexts or min(b.contexts) < 1:
         raise TierquantError(f"params: benchmark.contexts must be positive ints, got {b.contexts}")
     for key in ("generate_tokens", "trials", "prefill_step_size", "probe_mib"):
@@ -358,14 +272,6 @@ def _check_benchmark(b: BenchmarkConfig) -> None:
             raise TierquantError(f"params: benchmark.{key} must be >= 1, got {getattr(b, key)}")
     if b.warmup < 0:
         raise TierquantError(f"params: benchmark.warmup must be >= 0, got {b.warmup}")
-    for key in ("gpu_fraction", "gpu_fraction_small"):
-        if not 0 < getattr(b, key) <= 1:
-            value = getattr(b, key)
-            raise TierquantError(f"params: benchmark.{key} must be in (0, 1], got {value}")
-    for key in ("small_memory_gib", "os_reserve_gib", "overhead_gib"):
-        _check_range(f"benchmark.{key}", getattr(b, key), 0)
-    for size in b.memory_gib:
-        _check_range("benchmark.memory_gib", size, 0, open_low=True)
     for chip, gbps in b.chips.items():
         _check_range(f"benchmark.chips.{chip}", gbps, 0, open_low=True)
 
@@ -378,6 +284,26 @@ def compose(overrides: list[str] | None = None) -> dict[str, Any]:
     with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base=None):
         cfg = hydra_compose(config_name="config", overrides=overrides or [])
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A typed config as plain data (every schema field present): the `params` that
+    tierquant.report.provenance takes."""
+    return dataclasses.asdict(config)
+
+
+def compose_defaults(overrides: list[str] | None = None) -> dict[str, Any]:
+    """The typed composition of `conf/` (+ overrides) as plain data, also from inside a
+    running Hydra app (a stage): Hydra's global state is set aside and restored after."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        return config_dict(validate(compose(overrides)))
+    finally:
+        restore_gh_from_backup(backup)
 
 
 def params_text(params: dict[str, Any]) -> str:

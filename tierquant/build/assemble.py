@@ -22,7 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
-from tierquant.build.quantize import MANIFEST
+from tierquant.build.manifest import read_manifest
 from tierquant.core.checkpoint import INDEX_NAME, Checkpoint, shard_name
 from tierquant.core.files import atomic_output, read_json, write_json
 from tierquant.core.gptoss import copy_side_files, mlx_weights, shape_of_checkpoint
@@ -66,22 +66,6 @@ def _link_or_copy(src: Path, dest: Path) -> str:
         return "copied"
 
 
-def _read_manifest(quantized_dir: Path, tier: str, precision: Precision) -> dict:
-    path = quantized_dir / tier / MANIFEST
-    if not path.is_file():
-        raise TierquantError(
-            f"{path} is missing: tier {tier!r} has not been quantized (run `dvc repro`)"
-        )
-    manifest = read_json(path)
-    expected = precision.quantization() or {"mode": "bf16"}
-    if manifest.get("precision") != expected:
-        raise TierquantError(
-            f"{path}: tier {tier!r} was quantized as {manifest.get('precision')} but "
-            f"tiers.{tier} now asks for {expected}; rerun quantize@{tier} (`dvc repro`)"
-        )
-    return manifest
-
-
 def assemble_model(
     *,
     tiers: dict[str, Precision],
@@ -93,7 +77,7 @@ def assemble_model(
     error_plot: Path,
 ) -> dict:
     """Link the tiers' shards into `out_dir` and write config, index and metrics."""
-    manifests = {t: _read_manifest(quantized_dir, t, p) for t, p in tiers.items()}
+    manifests = {t: read_manifest(quantized_dir, t, p) for t, p in tiers.items()}
     shape = shape_of_checkpoint(float_dir)
     weights = mlx_weights(shape)
     owner: dict[str, str] = {}

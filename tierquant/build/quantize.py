@@ -1,75 +1,38 @@
 """quantize stage: one tier's tensors at the tier's precision, read from the original.
 
-Each matrix of the tier is quantized with `mx.quantize`, streamed in slices along its
-first axis (rows, or experts for [E, out, in] stacks; quantization groups run along the
-last axis, so slicing changes no byte) so peak memory is one slice, not one tensor.
-Every tensor is read from the original checkpoint exactly as the float checkpoint holds
-it (`tierquant.core.affine`, `iter_float_rows`): expert matrices decoded from MXFP4 by
-convert's own decoder (the same bf16 bits from a quarter of the bytes), everything else
-copied or split as convert does. So the stage reads what measure has just read (in the
-page cache), never the float checkpoint, several times the original's size. Vectors
-(norms, biases, sinks) cannot be quantized and are copied as bf16 whatever the
-tier says. `mxfp4` keeps the original checkpoint's expert bytes: blocks become mlx-lm's
-uint32 `weight`, E8M0 bytes its `scales` — a lossless repack, no requantization.
+- affine bits: `mx.quantize` slice by slice (tierquant.core.affine), so peak memory is
+  a slice, not a tensor; each matrix read from the original as the float checkpoint
+  would hold it (tierquant.core.floatrows: experts decoded from MXFP4).
+- mxfp4: the original's expert bytes repacked into mlx-lm's layout, losslessly.
+- bf16, and every vector (norms, biases, sinks) whatever the tier: copied.
 
-Output: `<out>/` holds `<tier>-0000N-of-0000M.safetensors` shards in mlx-lm names
-(`<module>.weight`/`.scales`/`.biases`) and `manifest.json` recording, per module,
-bits, group size, mode, its tensors and the quantization error (relative RMSE of the
-dequantized weight against the bf16 one, measured on every 16th row).
+Output: `<out>/<tier>-0000N-of-0000M.safetensors` in mlx-lm names and the tier's
+manifest (tierquant.build.manifest).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from tierquant.core.affine import Rows, checkpoint_rows, expert_rows, slices
-from tierquant.core.checkpoint import Checkpoint, ShardedWriter, TensorSpec
+from tierquant.build.manifest import ERROR_ROW_STRIDE, MANIFEST, quantized_specs
+from tierquant.core.affine import Rows, checkpoint_rows, expert_rows, quantize_slices
+from tierquant.core.checkpoint import Checkpoint, ShardedWriter
 from tierquant.core.files import atomic_output, json_bytes
-from tierquant.core.gptoss import (
-    EXPERT_KINDS,
-    Weight,
-    iter_float_rows,
-    mlx_weights,
-    mxfp4_source,
-    shape_of_checkpoint,
-)
-from tierquant.core.mxfp4 import GROUP_SIZE as MXFP4_GROUP
+from tierquant.core.floatrows import iter_float_rows, mxfp4_source
+from tierquant.core.gptoss import EXPERT_KINDS, Weight, mlx_weights, shape_of_checkpoint
 from tierquant.core.mxfp4 import NAN_SCALE
 from tierquant.core.parallel import ops_queue_capped, slice_streams
 from tierquant.core.precision import Precision, check_quantizable
 from tierquant.errors import TierquantError
-from tierquant.plan.handplan import read_plan
+from tierquant.plan.planfile import read_plan
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-ERROR_ROW_STRIDE = 16  # quantization error measured on every 16th row
-
-
-def quantized_specs(weight: Weight, precision: Precision) -> list[TensorSpec]:
-    """The tensors a weight becomes at `precision` (mlx-lm's names, dtypes and shapes)."""
-    if not precision.stores_quantized(weight.kind):
-        return [TensorSpec(weight.name, "BF16", weight.shape)]
-    *lead, rows, cols = weight.shape
-    module = weight.module
-    if precision.mode == "mxfp4":  # 8 codes of 4 bits per uint32, one E8M0 byte per block
-        return [
-            TensorSpec(f"{module}.weight", "U32", (*lead, rows, cols // 8)),
-            TensorSpec(f"{module}.scales", "U8", (*lead, rows, cols // MXFP4_GROUP)),
-        ]
-    groups = cols // precision.group_size
-    return [
-        TensorSpec(f"{module}.weight", "U32", (*lead, rows, cols * precision.bits // 32)),
-        TensorSpec(f"{module}.scales", "BF16", (*lead, rows, groups)),
-        TensorSpec(f"{module}.biases", "BF16", (*lead, rows, groups)),
-    ]
 
 
 def quantize_tier(
@@ -187,32 +150,16 @@ def _quantize_affine(
     precision: Precision,
     bar: tqdm,
 ) -> float:
-    """mx.quantize slice by slice (`rows`: tierquant.core.affine.Rows); return the relative RMSE of
-    the whole tensor.
+    """Quantize `w` slice by slice (tierquant.core.affine.quantize_slices) into `writer`;
+    return the relative RMSE of the whole tensor.
 
-    Slices are quantized asynchronously, round-robin over `streams` (`slice_streams()`),
-    one per stream in flight, and on the CPU backend every core quantizes. The next slice
-    is read into the buffer of the one just finished (SliceRing) and queued before that one
-    is written, so reading and writing overlap the quantization. Each slice's outputs and
-    error sums are consumed in slice order, so the bytes and the recorded error do not
-    depend on the stream count.
-
-    The error is measured on every ERROR_ROW_STRIDE-th row (of every expert): exact
-    for those rows, an estimate for the tensor, at a fraction of the cost of
-    dequantizing everything (which would make this stage about 4x slower). On the CPU
-    its dozen small ops are queued only once the slice is quantized
-    (`parallel.ops_queue_capped`: queued with the quantization they held this thread in
-    `async_eval` while a stream stood idle, measured 1.5 of 2 cores busy); on a GPU they
-    are queued with it, so the GPU is never idle while the next slice is read.
-    """
+    The error is measured on every ERROR_ROW_STRIDE-th row (of every expert): exact for
+    those rows, an estimate for the tensor, at a fraction of the cost of dequantizing
+    everything (which would make this stage about 4x slower)."""
     err_sq = 0.0
     ref_sq = 0.0
-    module = w.module
     g, bits = precision.group_size, precision.bits
-    bounds = slices(w.shape)
-    defer_error = ops_queue_capped()
-    in_flight: deque[tuple[mx.Stream, mx.array, tuple[mx.array, ...], tuple[mx.array, ...]]]
-    in_flight = deque()
+    row_bytes = 2 * math.prod(w.shape[1:])
 
     def error_sample(x: mx.array, wq: mx.array, scales: mx.array, biases: mx.array):
         """(squared error, squared reference) sums of the sampled rows, and the scales and
@@ -229,34 +176,15 @@ def _quantize_affine(
             biases.view(mx.uint16),
         )
 
-    def submit(i: int) -> None:
-        x = rows(*bounds[i])
-        stream = streams[i % len(streams)]
-        with mx.stream(stream):
-            quantized = mx.quantize(x, group_size=g, bits=bits)
-            sampled = () if defer_error else error_sample(x, *quantized)
-        mx.async_eval(*quantized, *sampled)
-        in_flight.append((stream, x, quantized, sampled))
-
-    for i in range(min(len(streams), len(bounds))):
-        submit(i)
-    for i in range(len(bounds)):
-        stream, x, (wq, scales, biases), sampled = in_flight.popleft()
-        if not sampled:
-            with mx.stream(stream):
-                sampled = error_sample(x, wq, scales, biases)
-            mx.async_eval(*sampled)
-        e, r, scales16, biases16 = sampled
+    for (start, stop), (wq, _, _), (e, r, scales16, biases16) in quantize_slices(
+        rows, w.shape, precision, streams, sample=error_sample, defer_sample=ops_queue_capped()
+    ):
         err_sq += e.item()
         ref_sq += r.item()
-        nbytes = x.nbytes
-        del x, sampled  # x's buffer is free: the next slice is read into it
-        if i + len(streams) < len(bounds):
-            submit(i + len(streams))
-        writer.write(f"{module}.weight", np.array(wq, copy=False))
-        writer.write(f"{module}.scales", np.array(scales16, copy=False))
-        writer.write(f"{module}.biases", np.array(biases16, copy=False))
-        bar.update(nbytes)
+        writer.write(f"{w.module}.weight", np.array(wq, copy=False))
+        writer.write(f"{w.module}.scales", np.array(scales16, copy=False))
+        writer.write(f"{w.module}.biases", np.array(biases16, copy=False))
+        bar.update((stop - start) * row_bytes)
     return math.sqrt(err_sq / ref_sq) if ref_sq else 0.0
 
 

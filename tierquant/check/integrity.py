@@ -32,9 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from tierquant.build.quantize import ERROR_ROW_STRIDE, MANIFEST
+from tierquant.build.manifest import ERROR_ROW_STRIDE, read_manifest
 from tierquant.core.checkpoint import Checkpoint
-from tierquant.core.files import read_json
 from tierquant.core.floatrows import float_row_sample, mxfp4_source
 from tierquant.core.gptoss import Weight, mlx_weights, shape_of_checkpoint
 from tierquant.core.precision import Precision
@@ -120,10 +119,7 @@ def check_integrity(
     with Checkpoint(model_dir) as model, Checkpoint(original_dir) as original:
         source = FloatRows(original)
         for tier, precision in tiers.items():
-            path = Path(quantized_dir) / tier / MANIFEST
-            if not path.is_file():
-                raise TierquantError(f"{path}: missing; run the quantize@{tier} stage")
-            manifest = read_json(path)
+            manifest = read_manifest(quantized_dir, tier, precision)
             for module, entry in manifest["modules"].items():
                 problem = _module_problem(model, source, module, entry, precision)
                 if problem:

@@ -21,15 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from tierquant.build.quantize import quantized_specs
+from tierquant.build.manifest import quantized_specs
 from tierquant.core.checkpoint import Checkpoint, TensorInfo
 from tierquant.core.files import read_json
 from tierquant.core.gptoss import MATRIX_KINDS, Weight
 from tierquant.core.mxfp4 import NAN_SCALE
 from tierquant.core.precision import Precision
 from tierquant.errors import TierquantError
-from tierquant.plan.handplan import plan_tier_names, read_plan
-from tierquant.plan.predict import tier_size
+from tierquant.plan.planfile import check_tiers_match_plan, plan_tier_names, read_plan
+from tierquant.plan.size import tier_size
 
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 SCAN_BYTES = 64 << 20  # bytes read at a time by the NaN/Inf scan
@@ -119,8 +119,10 @@ def check_structure(
     report = StructureReport()
     problems = report.problems
     planned = set(plan_tier_names(plan_dir))
-    if planned != set(tiers):
-        problems.append(f"plan tiers {sorted(planned)} != tiers params {sorted(tiers)} (tiers.*)")
+    try:
+        check_tiers_match_plan(plan_dir, tiers)
+    except TierquantError as e:
+        problems.append(str(e))
     config = read_json(Path(model_dir) / "config.json")
     config_q = config.get("quantization")
     if config.get("quantization_config") != config_q:

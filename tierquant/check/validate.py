@@ -12,17 +12,31 @@ there is no structure problem and every checked threshold passed.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tierquant.check.integrity import check_integrity
 from tierquant.check.structure import check_structure
-from tierquant.config import ValidateConfig
 from tierquant.core.files import atomic_output, write_json
 from tierquant.errors import TierquantError
 from tierquant.quality.evaluate import quality_metrics
+from tierquant.report.headline import write_quality_headline
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class QualityGate:
+    """The quality gate's thresholds (params: `validate`; None disables one) and the
+    structural tolerance of bits per weight against the prediction."""
+
+    kld_mean_max: float | None = None
+    kld_p99_max: float | None = None
+    kld_max_max: float | None = None
+    top1_min: float | None = None
+    ppl_ratio_max: float | None = None
+    bpw_tolerance: float = 0.01  # relative: |actual - predicted| / predicted
 
 
 # --- gate -----------------------------------------------------------------------------------
@@ -37,7 +51,7 @@ GATES: dict[str, tuple[str, str]] = {
 }
 
 
-def gate_verdicts(metrics: dict[str, Any], thresholds: ValidateConfig) -> list[dict[str, Any]]:
+def gate_verdicts(metrics: dict[str, Any], thresholds: QualityGate) -> list[dict[str, Any]]:
     """One entry per threshold param: metric, op, threshold, value, passed (null when the
     threshold is null or the metric was not measured)."""
     verdicts = []
@@ -91,10 +105,13 @@ def validate_model(
     original_dir: Path,
     quantized_dir: Path,
     tiers: dict[str, Any],
-    thresholds: ValidateConfig,
+    thresholds: QualityGate,
     metrics_path: Path,
+    headline_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Structural checks + quality vs the reference; write metrics, then gate.
+    """Structural checks + quality vs the reference; write metrics, then gate. The
+    headline metrics (`headline_dir`/quality.json, if given) are written whatever the
+    verdict (passed: false on a failure).
 
     `tiers` maps tier -> tierquant.core.precision.Precision. Metrics are written before a
     structure, integrity or gate failure is raised, so a failed run can be inspected
@@ -102,49 +119,55 @@ def validate_model(
     written). Raises TierquantError listing every failure, one per line (`validate:
     <metric> = <value> exceeds threshold ...`).
     """
-    report = check_structure(model_dir, plan_dir, tiers, bpw_tolerance=thresholds.bpw_tolerance)
-    failures = [f"validate: structure: {p}" for p in report.problems]
     try:
-        integrity = check_integrity(
-            model_dir=model_dir,
-            original_dir=original_dir,
-            quantized_dir=quantized_dir,
-            tiers=tiers,
-        )
-    except TierquantError as e:
-        integrity = [str(e)]
-    if integrity:  # one line, naming every tensor
-        failures.append(
-            f"validate: integrity: {len(integrity)} tensor(s) not what their source and "
-            f"tier allow: {'; '.join(integrity)}"
-        )
-    metrics: dict[str, Any] = {}
-    try:
-        metrics.update(quality_metrics(model_dir=model_dir, reference_dir=reference_dir))
-    except TierquantError as e:
-        # Bad input (no or a broken reference, an unloadable model): say so beside any
-        # structure/integrity problem, in one error, and leave the previous metrics as
-        # they were (nothing half-measured is written).
-        raise TierquantError("\n".join([*failures, f"validate: {e}"])) from e
-    except Exception as e:
-        if not failures:  # not explained by the structure: a bug, keep its traceback
-            raise
-        # A broken structure may stop the model loading: say so in one line.
-        failures.append(
-            f"validate: the model did not run ({type(e).__name__}: {e}); "
-            "see the structure problems above"
-        )
-    metrics.update(report.metrics())
-    metrics["integrity_problems"] = len(integrity)
-    verdicts = gate_verdicts(metrics, thresholds)
-    failures = gate_failures(verdicts) + failures
-    metrics["gate"] = verdicts
-    metrics["passed"] = not failures
-    write_metrics(metrics_path, metrics)
-    for key in ("kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "bits_per_weight"):
-        if key in metrics:
-            log.info("  %-16s %.6g", key, metrics[key])
-    if failures:
-        raise TierquantError("\n".join(failures))
-    log.info("validate: passed (%s)", metrics_path)
-    return metrics
+        report = check_structure(model_dir, plan_dir, tiers, bpw_tolerance=thresholds.bpw_tolerance)
+        failures = [f"validate: structure: {p}" for p in report.problems]
+        try:
+            integrity = check_integrity(
+                model_dir=model_dir,
+                original_dir=original_dir,
+                quantized_dir=quantized_dir,
+                tiers=tiers,
+            )
+        except TierquantError as e:
+            integrity = [str(e)]
+        if integrity:  # one line, naming every tensor
+            failures.append(
+                f"validate: integrity: {len(integrity)} tensor(s) not what their source and "
+                f"tier allow: {'; '.join(integrity)}"
+            )
+        metrics: dict[str, Any] = {}
+        try:
+            metrics.update(quality_metrics(model_dir=model_dir, reference_dir=reference_dir))
+        except TierquantError as e:
+            # Bad input (no or a broken reference, an unloadable model): say so beside any
+            # structure/integrity problem, in one error, and leave the previous metrics as
+            # they were (nothing half-measured is written).
+            raise TierquantError("\n".join([*failures, f"validate: {e}"])) from e
+        except Exception as e:
+            if not failures:  # not explained by the structure: a bug, keep its traceback
+                raise
+            # A broken structure may stop the model loading: say so in one line.
+            failures.append(
+                f"validate: the model did not run ({type(e).__name__}: {e}); "
+                "see the structure problems above"
+            )
+        metrics.update(report.metrics())
+        metrics["integrity_problems"] = len(integrity)
+        verdicts = gate_verdicts(metrics, thresholds)
+        failures = gate_failures(verdicts) + failures
+        metrics["gate"] = verdicts
+        metrics["passed"] = not failures
+        write_metrics(metrics_path, metrics)
+        for key in ("kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "bits_per_weight"):
+            if key in metrics:
+                log.info("  %-16s %.6g", key, metrics[key])
+        if failures:
+            raise TierquantError("\n".join(failures))
+        log.info("validate: passed (%s)", metrics_path)
+        return metrics
+    finally:
+        if headline_dir is not None:
+            write_quality_headline(
+                validate_path=Path(metrics_path), headline_dir=Path(headline_dir)
+            )

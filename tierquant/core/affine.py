@@ -13,7 +13,8 @@ Either is read or decoded straight into MLX's memory (`SliceRing`), not copied i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -42,8 +43,7 @@ class SliceRing:
 
     A slice's buffer is overwritten `depth` calls later: callers finish every slice's
     work before then. With `depth` = the number of streams the slices go round, both
-    callers do: quantize reads slice i + depth only once slice i's last op (its error
-    sample) is evaluated, and `quantize_rows` evaluates after each round of the streams."""
+    callers do (`quantize_slices` reads slice i + depth only once slice i is evaluated)."""
 
     def __init__(self, fill: Fill, row_shape: tuple[int, ...], depth: int) -> None:
         self.fill = fill
@@ -103,24 +103,70 @@ def slices(shape: tuple[int, ...]) -> list[tuple[int, int]]:
     return list(row_slices(shape[0], 2 * math.prod(shape[1:]), SLICE_BYTES))
 
 
-def quantize_tensor(src: Checkpoint, name: str, precision: Precision) -> tuple[mx.array, ...]:
-    """Tensor `name` of checkpoint `src` at an affine `precision` (see `quantize_rows`)."""
-    rows = checkpoint_rows(src, name, depth=len(slice_streams()))
-    return quantize_rows(rows, src.info(name).shape, precision)
+Sample = Callable[..., tuple[mx.array, ...]]
+"""`sample(x, weight, scales, biases)`: extra arrays computed from a slice `x` and its
+quantization on the slice's stream (e.g. its error), yielded with it."""
+
+
+def quantize_slices(
+    rows: Rows,
+    shape: tuple[int, ...],
+    precision: Precision,
+    streams: tuple[mx.Stream, ...],
+    *,
+    sample: Sample | None = None,
+    defer_sample: bool = False,
+) -> Iterator[tuple[tuple[int, int], tuple[mx.array, ...], tuple[mx.array, ...]]]:
+    """The one slice-wise `mx.quantize` loop: a bf16 tensor of `shape`, given slice by
+    slice by `rows(start, stop)`, at an affine `precision`; yields, in slice order,
+    `((start, stop), (weight, scales, biases), sample(...) or ())`, each evaluated.
+
+    Slices are quantized asynchronously, round-robin over `streams` (`rows` must reuse
+    at most one buffer per stream: SliceRing's depth), one per stream in flight, so on
+    the CPU every core quantizes. A slice is yielded once it (and its sample) is
+    evaluated and the next slice has been read into its buffer and queued: the caller's
+    work on it (writing it, copying it) overlaps the next slice's quantization.
+    `defer_sample`: queue the sample only once the slice is quantized (the CPU backend,
+    `parallel.ops_queue_capped`: queued with it, its ops held this thread in
+    `async_eval` while a stream stood idle); otherwise with it (a GPU never idles while
+    the next slice is read)."""
+    g, bits = precision.group_size, precision.bits
+    bounds = slices(shape)
+    in_flight: deque[tuple[mx.Stream, mx.array, tuple[mx.array, ...], tuple[mx.array, ...]]]
+    in_flight = deque()
+
+    def submit(i: int) -> None:
+        x = rows(*bounds[i])
+        stream = streams[i % len(streams)]
+        with mx.stream(stream):
+            quantized = tuple(mx.quantize(x, group_size=g, bits=bits))
+            extra = sample(x, *quantized) if sample is not None and not defer_sample else ()
+        mx.async_eval(*quantized, *extra)
+        in_flight.append((stream, x, quantized, extra))
+
+    for i in range(min(len(streams), len(bounds))):
+        submit(i)
+    for i in range(len(bounds)):
+        stream, x, quantized, extra = in_flight.popleft()
+        if sample is not None and defer_sample:
+            with mx.stream(stream):
+                extra = sample(x, *quantized)
+            mx.async_eval(*extra)
+        mx.eval(*quantized, *extra)
+        del x  # its buffer is free: the next slice is read into it
+        if i + len(streams) < len(bounds):
+            submit(i + len(streams))
+        yield bounds[i], quantized, extra
 
 
 def quantize_rows(rows: Rows, shape: tuple[int, ...], precision: Precision) -> tuple[mx.array, ...]:
     """A bf16 tensor of `shape`, given slice by slice by `rows(start, stop)` (its rows or
-    experts [start, stop), lazy or not), at an affine `precision`: (weight, scales,
-    biases) exactly as one `mx.quantize` of the whole tensor gives them. The slices are
-    quantized on `slice_streams()` (every core on the CPU) straight into the outputs, so
-    the bf16 tensor is never whole in memory."""
-    g, bits = precision.group_size, precision.bits
+    experts [start, stop)), at an affine `precision`: (weight, scales, biases) exactly as
+    one `mx.quantize` of the whole tensor gives them, built from `quantize_slices` on
+    `slice_streams()`, so the bf16 tensor is never whole in memory."""
     streams = slice_streams()
     out: list[mx.array] = []
-    for k, (start, stop) in enumerate(slices(shape)):
-        with mx.stream(streams[k % len(streams)]):
-            parts = mx.quantize(rows(start, stop), group_size=g, bits=bits)
+    for k, ((start, stop), parts, _) in enumerate(quantize_slices(rows, shape, precision, streams)):
         if not out:
             out = [mx.zeros((shape[0], *a.shape[1:]), dtype=a.dtype) for a in parts]
         for whole, part in zip(out, parts, strict=True):

@@ -1,4 +1,6 @@
-"""MXFP4 (OCP microscaling FP4) codec: exact decode to bf16 bit patterns, and an encoder.
+"""The checkpoint's number formats in numpy: MXFP4 (OCP microscaling FP4) decoded exactly
+to bf16 bit patterns, an MXFP4 encoder, and bf16 as uint16 bit patterns (numpy has no
+bfloat16 dtype: `to_bf16_bits`, `from_bf16_bits`).
 
 Layout (see docs/gpt-oss-format.md, "MXFP4 packing"): blocks uint8 ``[..., G, 16]`` hold
 32 e2m1 codes per group, low nibble first; scales uint8 ``[..., G]`` are E8M0 exponents,
@@ -195,8 +197,19 @@ def dequantize_to_bf16_bits(
     return out
 
 
-def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """uint16 bf16 bit patterns -> float32 values (exact)."""
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Round float32 values to bf16 (nearest, ties to even); return the bit patterns."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounding = ((u >> 16) & 1) + np.uint32(0x7FFF)
+    bits = ((u + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        bits[nan] = 0x7FC0
+    return bits
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (uint16) to float32, exactly."""
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 

@@ -27,6 +27,7 @@ AFFINE_BITS = (1, 2, 3, 4, 5, 6, 8)  # mx.quantize affine: not 7 (docs/gpt-oss-f
 GROUP_SIZES = (32, 64, 128)  # mx.quantize affine: not 16
 TIER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 BF16_BITS = 16
+TIER_BITS = (2, 3, 4, 5, 6, 8)  # the affine bits a tensor is allocated or measured at
 
 
 @dataclass(frozen=True)
@@ -151,3 +152,23 @@ def check_tier_name(name: str, key: str) -> None:
         raise TierquantError(
             f"params: {key}: tier name {name!r} must be letters, digits, '_' or '-'"
         )
+
+
+def parse_candidates(
+    candidates: Sequence[object], group_size: int, key: str = "measure.candidates"
+) -> list[Precision]:
+    """Candidate precisions (`key`, e.g. measure.candidates) → Precisions: affine bits
+    TIER_BITS at `group_size`, mxfp4, bf16; each once."""
+    out: list[Precision] = []
+    for i, c in enumerate(candidates):
+        p = parse_precision(c, f"{key}[{i}]", group_size)
+        if p.mode == "affine" and p.bits not in TIER_BITS:
+            raise TierquantError(
+                f"params: {key}[{i}]: {c!r}; affine candidates are {', '.join(map(str, TIER_BITS))}"
+            )
+        if p in out:
+            raise TierquantError(f"params: {key}[{i}]: {c!r} is listed twice")
+        out.append(p)
+    if not out:
+        raise TierquantError(f"params: {key} is empty")
+    return out

@@ -1,10 +1,8 @@
 """Measured bit allocation: one precision per allocation group, least total damage within
 a byte budget (recipe=auto).
 
-Allocation groups (`allocation_groups`): per decoder layer `attn_qk` (q_proj, k_proj),
-`attn_vo` (v_proj, o_proj), `experts_gate_up` (gate_proj, up_proj), `experts_down`
-(down_proj); plus `embed_tokens` and `lm_head`. Everything else is fixed: norms, biases
-and sinks bf16 (they cannot be quantized), the router at `budget.router` (bf16 or 8).
+The groups are tierquant.quality.damage's (what measure scored); everything outside
+them is fixed: norms, biases and sinks bf16, the router at `budget.router`.
 
 The choice is a multiple-choice knapsack: each group takes exactly one candidate
 (bytes b, damage d); minimise Σ d subject to Σ b ≤ B (and, for a bits-per-weight budget,
@@ -18,8 +16,8 @@ B − G·(r − 1); with r = 1 it IS the exact optimum (tests check both against
 The lower bound is kept the same way: units ≥ ceil((B_min + G·(r − 1)) / r) imply
 Σ b ≥ B_min.
 
-The damage table it allocates from is data/measure/damage.json (`read_damage`; written
-by tierquant.quality.measure, format MEASURE_FORMAT).
+The damage table it allocates from is data/measure/damage.json
+(tierquant.quality.damage.read_damage).
 """
 
 from __future__ import annotations
@@ -27,139 +25,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from tierquant.core.files import read_json
-from tierquant.core.gptoss import EXPERT_KINDS, GptOssShape, Weight, mlx_weights
-from tierquant.core.precision import BF16, Precision, parse_precision
+from tierquant.core.precision import BF16, Precision
 from tierquant.errors import TierquantError
+from tierquant.quality.damage import Group
 
-LAYER_GROUPS: dict[str, tuple[str, ...]] = {
-    "attn_qk": ("q_proj", "k_proj"),
-    "attn_vo": ("v_proj", "o_proj"),
-    "experts_gate_up": ("gate_proj", "up_proj"),
-    "experts_down": ("down_proj",),
-}
-GLOBAL_GROUPS = ("embed_tokens", "lm_head")
 MAX_UNITS = 200_000  # DP table width for budgets without a lower bound
-MEASURE_FORMAT = 1
-DAMAGE = "damage.json"  # inside data/measure
-
-
-def read_damage(measure_dir: Path) -> dict[str, Any]:
-    """data/measure/damage.json, checked."""
-    path = Path(measure_dir) / DAMAGE
-    if not path.is_file():
-        raise TierquantError(f"{path}: missing; run the measure stage (`dvc repro measure`)")
-    data = read_json(path)
-    if not isinstance(data, dict) or data.get("format") != MEASURE_FORMAT:
-        raise TierquantError(f"{path}: not a damage table; rerun the measure stage")
-    return data
-
-
-@dataclass(frozen=True)
-class Group:
-    """One allocation group: `name` is `layers.<i>.<kind>` or `embed_tokens`/`lm_head`."""
-
-    name: str
-    kind: str  # attn_qk, attn_vo, experts_gate_up, experts_down, embed_tokens, lm_head
-    layer: int | None
-    weights: tuple[Weight, ...]
-
-    @property
-    def is_experts(self) -> bool:
-        return all(w.kind in EXPERT_KINDS for w in self.weights)
-
-    def allows(self, precision: Precision) -> bool:
-        """mxfp4 keeps the original's expert bytes: expert groups only."""
-        return precision.mode != "mxfp4" or self.is_experts
-
-    def bits(self, precision: Precision) -> Fraction:
-        """Stored bits of the group's matrices at `precision` (predict's formula)."""
-        return sum((w.numel * precision.weight_bits(w.kind) for w in self.weights), Fraction(0))
-
-    def nbytes(self, precision: Precision) -> int:
-        b = self.bits(precision) / 8
-        if b.denominator != 1:
-            raise TierquantError(f"group {self.name}: {precision.label} is not whole bytes")
-        return int(b)
-
-
-def allocation_groups(shape: GptOssShape) -> tuple[list[Group], list[Weight]]:
-    """(groups in checkpoint order, the weights outside every group: vectors, router)."""
-    weights = mlx_weights(shape)
-    by_kind = {k: g for g, kinds in LAYER_GROUPS.items() for k in kinds}
-    members: dict[str, list[Weight]] = {}
-    info: dict[str, tuple[str, int | None]] = {}
-    fixed: list[Weight] = []
-    for w in weights:
-        if w.kind in GLOBAL_GROUPS:
-            key, kind, layer = w.kind, w.kind, None
-        elif w.kind in by_kind:
-            kind, layer = by_kind[w.kind], w.layer
-            key = f"layers.{layer}.{kind}"
-        else:
-            fixed.append(w)
-            continue
-        members.setdefault(key, []).append(w)
-        info[key] = (kind, layer)
-    groups = [Group(k, info[k][0], info[k][1], tuple(ws)) for k, ws in members.items()]
-    return groups, fixed
-
-
-def parse_candidates(candidates: Sequence[object], group_size: int) -> list[Precision]:
-    """`measure.candidates` → Precisions (affine bits at `group_size`, mxfp4, bf16)."""
-    out: list[Precision] = []
-    for i, c in enumerate(candidates):
-        p = parse_precision(c, f"measure.candidates[{i}]", group_size)
-        if p.mode == "affine" and p.bits not in TIER_BITS:
-            raise TierquantError(
-                f"params: measure.candidates[{i}]: {c!r}; affine candidates are "
-                f"{', '.join(map(str, TIER_BITS))}"
-            )
-        if p in out:
-            raise TierquantError(f"params: measure.candidates[{i}]: {c!r} is listed twice")
-        out.append(p)
-    if not out:
-        raise TierquantError("params: measure.candidates is empty")
-    return out
-
-
-# --- tiers keyed by precision ------------------------------------------------------------
-
-TIER_BITS = (2, 3, 4, 5, 6, 8)
-
-
-def tier_name(precision: Precision) -> str:
-    """The recipe=auto tier a precision's tensors go to: bf16, q2 … q8, mxfp4."""
-    if precision.mode == "affine":
-        return f"q{precision.bits}"
-    return precision.mode
-
-
-AUTO_TIERS = ("bf16", *(f"q{b}" for b in TIER_BITS), "mxfp4")
-
-
-def check_auto_tiers(precisions: dict[str, Precision], group_size: int) -> None:
-    """recipe=auto's `tiers:` must be exactly AUTO_TIERS, each at its own precision."""
-    if set(precisions) != set(AUTO_TIERS):
-        raise TierquantError(
-            f"params: recipe=auto needs tiers {', '.join(AUTO_TIERS)} (tiers keyed by "
-            f"precision), got {', '.join(precisions)}; recompose with `-S recipe=auto`"
-        )
-    for name, p in precisions.items():
-        if tier_name(p) != name:
-            raise TierquantError(
-                f"params: tiers.{name} is {p.label}, but recipe=auto's tier {name!r} holds "
-                f"the tensors allocated {name}; change the budget, not the tier"
-            )
-
-
-# --- the knapsack ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

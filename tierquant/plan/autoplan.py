@@ -18,31 +18,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tierquant.config import BenchmarkConfig, BudgetConfig
 from tierquant.core.files import json_bytes, read_json
 from tierquant.core.gptoss import GptOssShape, Weight, verify_original
 from tierquant.core.precision import BF16, Precision, parse_precision
 from tierquant.errors import TierquantError
-from tierquant.plan.allocate import (
-    AUTO_TIERS,
-    Group,
-    allocate,
-    allocation_groups,
-    read_damage,
-    tier_name,
-)
-from tierquant.plan.budget import resolve_budget
-from tierquant.plan.handplan import ALLOCATION, log_plan, write_plan
+from tierquant.plan.allocate import allocate
+from tierquant.plan.autotiers import AUTO_TIERS, router_precision, tier_name
+from tierquant.plan.budget import BudgetRequest, resolve_budget
+from tierquant.plan.footprint import MemoryModel
+from tierquant.plan.planfile import ALLOCATION, log_plan, write_plan
+from tierquant.quality.damage import Group, allocation_groups, read_damage
 
 log = logging.getLogger(__name__)
-
-
-def router_precision(value: object, group_size: int) -> Precision:
-    """`budget.router`: bf16, or 8-bit affine (gpt-oss's own choice in mlx-lm)."""
-    p = parse_precision(value, "budget.router", group_size)
-    if p not in (BF16, parse_precision(8, "budget.router", group_size)):
-        raise TierquantError(f"params: budget.router must be bf16 or 8, got {value!r}")
-    return p
 
 
 def auto_tiers(
@@ -61,8 +48,8 @@ def auto_plan(
     *,
     original: Path,
     measure_dir: Path,
-    budget: BudgetConfig,
-    bench: BenchmarkConfig,
+    budget: BudgetRequest,
+    memory: MemoryModel,
     group_size: int,
     out: Path,
 ) -> dict[str, Any]:
@@ -92,7 +79,7 @@ def auto_plan(
         shape=shape,
         total_params=total_params,
         max_positions=int(config.get("max_position_embeddings", 0) or 0),
-        bench=bench,
+        memory=memory,
     )
     damage = {name: entry["damage"] for name, entry in measured["groups"].items()}
     alloc = allocate(

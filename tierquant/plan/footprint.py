@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tierquant.config import BenchmarkConfig
 from tierquant.core.gptoss import GptOssShape, mlx_weights
+from tierquant.plan.size import GIB
 
-GIB = 2**30
 KV_DTYPE_BYTES = 2  # mlx-lm's KV cache holds keys/values in the activation dtype (bf16)
 PARTS = ("experts", "attention", "router", "embed", "lm_head", "norms")
 
@@ -108,66 +108,85 @@ def max_context(shape: GptOssShape, budget_bytes: float, limit: int) -> int:
     return lo
 
 
-def gpu_limit_gib(memory_gib: float, cfg: BenchmarkConfig) -> float:
+def gpu_limit_gib(memory_gib: float, memory: MemoryModel) -> float:
     """What macOS lets the GPU wire by default (its recommendedMaxWorkingSetSize):
     `gpu_fraction_small` of memory at or below `small_memory_gib`, else `gpu_fraction`."""
-    small = memory_gib <= cfg.small_memory_gib
-    return memory_gib * (cfg.gpu_fraction_small if small else cfg.gpu_fraction)
+    small = memory_gib <= memory.small_memory_gib
+    return memory_gib * (memory.gpu_fraction_small if small else memory.gpu_fraction)
+
+
+@dataclass
+class MemoryModel:
+    """What a Mac's GPU may use of its unified memory (params: `memory`), for the fit
+    table, the `budget.fit` budget and the benchmark's fit check.
+
+    By default macOS lets the GPU wire `gpu_fraction` of memory (`gpu_fraction_small` at
+    or below `small_memory_gib`); with the limit raised (`sudo sysctl
+    iogpu.wired_limit_mb=N`) all but `os_reserve_gib`. `overhead_gib` is kept free for
+    activations and MLX buffers. `memory_gib` are the fit table's memory sizes.
+    """
+
+    memory_gib: list[int] = field(default_factory=lambda: [32, 64, 96, 128, 192])
+    gpu_fraction: float = 0.75
+    gpu_fraction_small: float = 0.6667
+    small_memory_gib: float = 36.0
+    os_reserve_gib: float = 8.0
+    overhead_gib: float = 2.0
 
 
 WIRED_LIMITS = ("default", "raised")
 
 
-def wired_limit_gib(memory_gib: float, cfg: BenchmarkConfig, rule: str) -> float:
+def wired_limit_gib(memory_gib: float, memory: MemoryModel, rule: str) -> float:
     """GiB the GPU may use: `default` (macOS's own limit, gpu_limit_gib) or `raised`
     (`sudo sysctl iogpu.wired_limit_mb=N`: all but `os_reserve_gib`)."""
     if rule == "default":
-        return gpu_limit_gib(memory_gib, cfg)
+        return gpu_limit_gib(memory_gib, memory)
     if rule == "raised":
-        return memory_gib - cfg.os_reserve_gib
+        return memory_gib - memory.os_reserve_gib
     raise ValueError(f"wired limit rule must be one of {WIRED_LIMITS}, got {rule!r}")
 
 
 def max_weight_bytes(
-    memory_gib: float, context: int, shape: GptOssShape, cfg: BenchmarkConfig, rule: str
+    memory_gib: float, context: int, shape: GptOssShape, memory: MemoryModel, rule: str
 ) -> int:
     """The most weight bytes that still fit with a `context`-token KV cache (the fit
     table's rule, solved for the weights): limit - overhead - KV cache, floored."""
-    limit = wired_limit_gib(memory_gib, cfg, rule) - cfg.overhead_gib
+    limit = wired_limit_gib(memory_gib, memory, rule) - memory.overhead_gib
     return math.floor(limit * GIB) - kv_cache_bytes(shape, context)
 
 
-def fit_rule(cfg: BenchmarkConfig) -> str:
+def fit_rule(memory: MemoryModel) -> str:
     """The fit rule in words, for the metrics and the card."""
     return (
-        f"default: the GPU may use {cfg.gpu_fraction:g} of unified memory "
-        f"({cfg.gpu_fraction_small:.3g} at {cfg.small_memory_gib:g} GiB and below), "
+        f"default: the GPU may use {memory.gpu_fraction:g} of unified memory "
+        f"({memory.gpu_fraction_small:.3g} at {memory.small_memory_gib:g} GiB and below), "
         "macOS's default wired limit; raised: all but "
-        f"{cfg.os_reserve_gib:g} GiB (sudo sysctl iogpu.wired_limit_mb=N). A model fits if "
-        f"weights + {cfg.overhead_gib:g} GiB overhead fit; max_context is the longest "
+        f"{memory.os_reserve_gib:g} GiB (sudo sysctl iogpu.wired_limit_mb=N). A model fits if "
+        f"weights + {memory.overhead_gib:g} GiB overhead fit; max_context is the longest "
         "context whose bf16 KV cache fits in the rest (capped at max_position_embeddings)"
     )
 
 
 def fit_table(
-    weight_bytes: int, shape: GptOssShape, max_positions: int, cfg: BenchmarkConfig
+    weight_bytes: int, shape: GptOssShape, max_positions: int, memory: MemoryModel
 ) -> dict[str, Any]:
     """Per memory size (GiB): fits / max_context under the default and raised limits."""
-    need = weight_bytes + cfg.overhead_gib * GIB
+    need = weight_bytes + memory.overhead_gib * GIB
     sizes: dict[str, Any] = {}
-    for memory in cfg.memory_gib:
-        row: dict[str, Any] = {"memory_gib": memory}
+    for size in memory.memory_gib:
+        row: dict[str, Any] = {"memory_gib": size}
         for label in WIRED_LIMITS:
-            limit = wired_limit_gib(memory, cfg, label)
+            limit = wired_limit_gib(size, memory, label)
             context = max_context(shape, limit * GIB - need, max_positions)
             row[f"gpu_limit_gib_{label}"] = round(limit, 2)
             row[f"fits_{label}"] = context > 0
             row[f"max_context_{label}"] = context
-        sizes[str(memory)] = row
+        sizes[str(size)] = row
     return {
-        "rule": fit_rule(cfg),
+        "rule": fit_rule(memory),
         "weights_gib": round(weight_bytes / GIB, 3),
-        "overhead_gib": cfg.overhead_gib,
+        "overhead_gib": memory.overhead_gib,
         "kv_bytes_at": {str(c): kv_cache_bytes(shape, c) for c in (1024, 4096, max_positions)},
         "sizes": sizes,
     }

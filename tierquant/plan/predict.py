@@ -21,25 +21,13 @@ from typing import Any
 
 from tierquant.core.checkpoint import Checkpoint
 from tierquant.core.files import atomic_output, json_bytes
-from tierquant.core.precision import Precision, check_quantizable, parse_tiers
+from tierquant.core.precision import parse_tiers
 from tierquant.errors import TierquantError
-from tierquant.plan.allocate import check_auto_tiers
-from tierquant.plan.handplan import plan_tier_names, read_allocation, read_plan
-from tierquant.plan.size import GIB, format_table, size_report
+from tierquant.plan.autotiers import check_auto_tiers
+from tierquant.plan.planfile import check_tiers_match_plan, read_allocation, read_plan
+from tierquant.plan.size import GIB, format_table, size_report, tier_size
 
 log = logging.getLogger(__name__)
-
-
-def tier_size(tier: str, plan: dict[str, Any], precision: Precision) -> tuple[int, Fraction]:
-    """(numel, exact bits) of one tier's tensors at `precision`; refuses a tensor that
-    cannot take it (naming the tier, the tensor and what to do)."""
-    numel, bits = 0, Fraction(0)
-    for t in plan["tensors"]:
-        check_quantizable(tier, precision, name=t["name"], kind=t["kind"], shape=t["shape"])
-        n = int(t["numel"])
-        numel += n
-        bits += n * precision.weight_bits(t["kind"])
-    return numel, bits
 
 
 def predict(
@@ -51,23 +39,10 @@ def predict(
     mismatch is an error naming the tier.
     """
     precisions = parse_tiers(tiers, group_size)
-    planned = plan_tier_names(plan_dir)
-    for tier in precisions:
-        if tier not in planned:
-            raise TierquantError(
-                f"params: tiers.{tier} has no plan ({Path(plan_dir) / (tier + '.json')} is "
-                f"missing): the recipe has no tier {tier!r}; the recipe's tiers are "
-                f"{', '.join(planned)}"
-            )
-    for tier in planned:
-        if tier not in precisions:
-            raise TierquantError(
-                f"params: recipe tier {tier!r} has no precision: add tiers.{tier} "
-                f"(e.g. `+tiers.{tier}=4` on the command line)"
-            )
+    check_tiers_match_plan(plan_dir, precisions)
     allocation = read_allocation(plan_dir)
     if allocation is not None:
-        check_auto_tiers(precisions, group_size)
+        check_auto_tiers(precisions)
     sizes = {t: tier_size(t, read_plan(plan_dir, t), p) for t, p in precisions.items()}
     with Checkpoint(Path(original)) as ckpt:
         original_bytes = ckpt.nbytes

@@ -14,7 +14,21 @@ from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
 
-GIB = 1 << 30
+from tierquant.core.precision import Precision, check_quantizable
+
+GIB = 1 << 30  # bytes in a GiB: the one definition
+
+
+def tier_size(tier: str, plan: dict[str, Any], precision: Precision) -> tuple[int, Fraction]:
+    """(numel, exact bits) of one tier's tensors at `precision`; refuses a tensor that
+    cannot take it (naming the tier, the tensor and what to do)."""
+    numel, bits = 0, Fraction(0)
+    for t in plan["tensors"]:
+        check_quantizable(tier, precision, name=t["name"], kind=t["kind"], shape=t["shape"])
+        n = int(t["numel"])
+        numel += n
+        bits += n * precision.weight_bits(t["kind"])
+    return numel, bits
 
 
 def _bytes(value: Fraction | int) -> int | float:

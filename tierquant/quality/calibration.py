@@ -16,14 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from tierquant.config import CalibrationConfig, EvalConfig
 from tierquant.errors import TierquantError
-from tierquant.quality.evalset import load_eval_text, make_windows, tokenize
+from tierquant.quality.evalset import (
+    CalibrationSet,
+    EvalSet,
+    load_eval_text,
+    make_windows,
+    tokenize,
+)
 
 TEXT_FIELDS = ("source", "path", "repo_id", "revision", "files", "text_column")
 
 
-def same_text(cal: CalibrationConfig, ev: EvalConfig) -> bool:
+def same_text(cal: CalibrationSet, ev: EvalSet) -> bool:
     """Whether the calibration and eval sets read the same text."""
     return all(getattr(cal, f) == getattr(ev, f) for f in TEXT_FIELDS)
 
@@ -61,7 +66,7 @@ def windows_in_runs(runs: list[tuple[int, int]], num_windows: int, length: int) 
 
 
 def calibration_token_windows(
-    tokens: list[int] | np.ndarray, cal: CalibrationConfig, ev: EvalConfig | None
+    tokens: list[int] | np.ndarray, cal: CalibrationSet, ev: EvalSet | None
 ) -> np.ndarray:
     """int32 [N, L] calibration windows of `tokens`; `ev` given: the eval set reads the same
     tokens, and every eval window's positions are left out."""
@@ -87,7 +92,7 @@ def check_disjoint(starts: list[int], length: int, taken: list[tuple[int, int]])
                 )
 
 
-def calibration_windows(cal: CalibrationConfig, ev: EvalConfig, model_dir: Path) -> np.ndarray:
+def calibration_windows(cal: CalibrationSet, ev: EvalSet, model_dir: Path) -> np.ndarray:
     """The calibration set of `cal`, tokenized with the tokenizer in `model_dir`, disjoint
     from the eval set `ev` (see the module docstring)."""
     tokens = tokenize(load_eval_text(cal), model_dir)  # type: ignore[arg-type]

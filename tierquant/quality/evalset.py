@@ -10,24 +10,64 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from tierquant.config import EvalConfig
 from tierquant.errors import TierquantError
 
 
-def load_eval_text(ev: EvalConfig, *, endpoint: str | None = None) -> str:
+@dataclass
+class TextSet:
+    """A set of token windows: text -> tokens -> `num_windows` windows of `window_length`.
+
+    `source: text` reads `path` (null: the bundled tierquant/assets/corpus.txt);
+    `source: hub` fetches `files` (a path or glob in the dataset repo: .txt, .json,
+    .jsonl) of dataset `repo_id`@`revision`, joining `text_column` of each record.
+    """
+
+    source: str = "text"  # "text" or "hub"
+    path: str | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+    files: str | None = None
+    text_column: str = "text"
+    num_windows: int = 16
+    window_length: int = 128
+    batch_size: int = 4
+
+
+@dataclass
+class EvalSet(TextSet):
+    """The eval set (TextSet's fields); `top_k` reference log-probs per token are
+    stored (see tierquant.quality.evaluate)."""
+
+    top_k: int = 64
+
+
+@dataclass
+class CalibrationSet(TextSet):
+    """The calibration set the `measure` stage computes damage on (tierquant.quality.calibration):
+    TextSet's fields. When it reads the same text as the eval set, its windows are
+    placed between the eval windows, so no token position is in both (checked).
+    """
+
+
+def load_corpus() -> str:
+    """Return the bundled public-domain English corpus (``tierquant/assets/corpus.txt``)."""
+    return resources.files("tierquant").joinpath("assets/corpus.txt").read_text(encoding="utf-8")
+
+
+def load_eval_text(ev: EvalSet, *, endpoint: str | None = None) -> str:
     """The eval text: a local file, the bundled corpus (`path: null`), or a Hub dataset.
 
     `endpoint` (default: HF_ENDPOINT or the Hub) is where a `hub` source is fetched from.
     """
     if ev.source == "text":
         if ev.path is None:
-            from tierquant.source.tokenizer import load_corpus
-
             return load_corpus()
         path = Path(ev.path)
         if not path.is_file():
@@ -38,7 +78,7 @@ def load_eval_text(ev: EvalConfig, *, endpoint: str | None = None) -> str:
     raise TierquantError(f"eval.source must be 'text' or 'hub', got {ev.source!r}")
 
 
-def _load_hub_text(ev: EvalConfig, endpoint: str | None) -> str:
+def _load_hub_text(ev: EvalSet, endpoint: str | None) -> str:
     """Fetch `eval.files` of dataset `eval.repo_id` and join `eval.text_column`."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -138,6 +178,6 @@ def make_windows(tokens: list[int] | np.ndarray, num_windows: int, window_length
     return np.stack([ids[i * stride : i * stride + window_length] for i in range(num_windows)])
 
 
-def eval_windows(ev: EvalConfig, model_dir: Path) -> np.ndarray:
+def eval_windows(ev: EvalSet, model_dir: Path) -> np.ndarray:
     """The eval set of `ev`, tokenized with the tokenizer in `model_dir`."""
     return make_windows(tokenize(load_eval_text(ev), model_dir), ev.num_windows, ev.window_length)

@@ -44,10 +44,10 @@ from typing import Any
 
 import numpy as np
 
-from tierquant.config import EvalConfig
 from tierquant.core.files import atomic_output, read_json, write_json
 from tierquant.errors import TierquantError
-from tierquant.quality.evalset import eval_windows
+from tierquant.quality.evalset import EvalSet, eval_windows
+from tierquant.quality.klstats import row_lse64
 from tierquant.quality.stream import VOCAB_SLICE_BYTES, StreamedModel, compute_dtype
 
 log = logging.getLogger(__name__)
@@ -96,18 +96,6 @@ class HeadStats:
     target: np.ndarray  # logit of the target id
 
 
-def _slice_lse(x) -> np.ndarray:
-    """float64 log Σ exp of each row of a float32 mx array (-inf for an all -inf row)."""
-    import mlx.core as mx
-
-    m = mx.max(x, axis=-1)
-    safe = mx.where(mx.isinf(m), 0.0, m)
-    total = mx.sum(mx.exp(x - safe[:, None]), axis=-1)
-    mx.eval(safe, total)
-    with np.errstate(divide="ignore"):
-        return np.array(safe).astype(np.float64) + np.log(np.array(total).astype(np.float64))
-
-
 def head_stats(chunks: LogitChunks, ids, targets) -> HeadStats:
     """One pass over the vocab slices: everything reference and validate need per row.
 
@@ -132,8 +120,8 @@ def head_stats(chunks: LogitChunks, ids, targets) -> HeadStats:
         inside = (local >= 0) & (local < c)
         idx = mx.where(inside, local, c)
         at_ids = mx.where(inside, mx.take_along_axis(ext, idx, axis=-1), at_ids)
-        lse = np.logaddexp(lse, _slice_lse(logits))
-        rest = np.logaddexp(rest, _slice_lse(mx.put_along_axis(ext, idx, neg, axis=-1)[:, :c]))
+        lse = np.logaddexp(lse, row_lse64(logits))
+        rest = np.logaddexp(rest, row_lse64(mx.put_along_axis(ext, idx, neg, axis=-1)[:, :c]))
         masked = mx.put_along_axis(ext, idx, pos, axis=-1)[:, :c]
         rest_min = mx.minimum(rest_min, mx.min(masked, axis=-1))
         cmax = mx.max(logits, axis=-1)
@@ -281,7 +269,7 @@ def streamed_reference(
     return ref
 
 
-def build_reference(*, original: Path, out: Path, eval_config: EvalConfig) -> Path:
+def build_reference(*, original: Path, out: Path, eval_config: EvalSet) -> Path:
     """The reference stage: the original model over the eval windows → `out`."""
     original, out = Path(original), Path(out)
     tokens = eval_windows(eval_config, original)

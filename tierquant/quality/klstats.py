@@ -123,3 +123,16 @@ def summarize(stats: Any, ref: Any) -> dict[str, Any]:
         }
     )
     return metrics
+
+
+def row_lse64(x) -> np.ndarray:
+    """float64 log Σ exp of each row of a float32 mx array (-inf for an all -inf row): the
+    one log-sum-exp of a vocab slice's logits, for reference, validate and measure."""
+    import mlx.core as mx
+
+    m = mx.max(x, axis=-1)
+    safe = mx.where(mx.isinf(m), 0.0, m)
+    total = mx.sum(mx.exp(x - safe[:, None]), axis=-1)
+    mx.eval(safe, total)
+    with np.errstate(divide="ignore"):
+        return np.array(safe).astype(np.float64) + np.log(np.array(total).astype(np.float64))

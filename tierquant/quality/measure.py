@@ -22,17 +22,10 @@ measured kld_mean. Cost: two reference forwards plus one layer run and one head 
 forwards — with one layer's weights resident (tierquant.quality.stream), the calibration set's
 h_i, h_{i+1} and h_L carried.
 
-Every forward runs on the original checkpoint (experts in mxfp4, as the reference stage
-runs it), so one layer costs what a reference layer costs, not a bf16 expert stack cast
-to float32. A decoder group at a candidate is its modules swapped for mlx-lm's own
-`QuantizedLinear` / `QuantizedSwitchLinear` holding exactly the bytes the quantize stage
-would write (`candidate_rows` + `quantized_module`: attention from the layer's resident
-bf16, experts decoded from the original's MXFP4 rows a slice at a time, exactly the float
-checkpoint's bits; quantized slice by slice as the quantize stage does), run by the same
-quantized kernels validate runs the model with. The row-read tables (embedding, head)
-are fake-quantized (quantize then dequantize, the same values). `mxfp4` for the experts
-is the original's bytes, so its damage is exactly 0 and is not computed; `bf16`
-likewise.
+Forwards run on the original (experts in mxfp4, as reference runs it). A decoder group
+at a candidate is its modules swapped for mlx-lm's own quantized modules holding the
+bytes quantize would write (`candidate_rows`, `quantized_module`); the embedding and
+head are fake-quantized; `mxfp4` experts and `bf16` are the original's bytes, damage 0.
 """
 
 from __future__ import annotations
@@ -48,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from tierquant.core.files import atomic_output, json_bytes
-from tierquant.plan.allocate import DAMAGE, MEASURE_FORMAT
+from tierquant.quality.damage import DAMAGE, MEASURE_FORMAT
+from tierquant.quality.klstats import row_lse64
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +58,6 @@ def fake_quantize(w, precision):
     return out.astype(w.dtype)
 
 
-def _lse64(x) -> np.ndarray:
-    import mlx.core as mx
-
-    m = mx.max(x, axis=-1)
-    t = mx.sum(mx.exp(x - m[:, None]), axis=-1)
-    mx.eval(m, t)
-    return np.array(m).astype(np.float64) + np.log(np.array(t).astype(np.float64))
-
-
 class HeadKL:
     """KL(P_ref ‖ Q) per candidate final hidden state, through the streamed head in vocab
     slices: KL = Σ_v p_v (a_v − b_v) − lse_a + lse_b (a, b: reference / candidate logits)."""
@@ -81,7 +66,7 @@ class HeadKL:
         self.sm, self.h, self.vocab_chunk = sm, h_last, vocab_chunk
         lse = np.full(h_last.shape[0], -np.inf)
         for _, logits in sm.logit_chunks(h_last, vocab_chunk=vocab_chunk):
-            lse = np.logaddexp(lse, _lse64(logits))
+            lse = np.logaddexp(lse, row_lse64(logits))
         self.lse_ref = lse
 
     def mean_kl(self, finals: Sequence[Any], row_transform=None) -> list[float]:
@@ -105,7 +90,7 @@ class HeadKL:
                     s = mx.sum(p * (a - b), axis=-1)
                     mx.eval(s)
                     cross[c] += np.array(s).astype(np.float64)
-                    lse_b[c] = np.logaddexp(lse_b[c], _lse64(b))
+                    lse_b[c] = np.logaddexp(lse_b[c], row_lse64(b))
         else:  # the head itself transformed: reference rows and candidate rows, same h
             ref = self.sm.logit_chunks(self.h, vocab_chunk=self.vocab_chunk)
             cand = self.sm.logit_chunks(
@@ -116,7 +101,7 @@ class HeadKL:
                 s = mx.sum(p * (a - b), axis=-1)
                 mx.eval(s)
                 cross[0] += np.array(s).astype(np.float64)
-                lse_b[0] = np.logaddexp(lse_b[0], _lse64(b))
+                lse_b[0] = np.logaddexp(lse_b[0], row_lse64(b))
             k = 1
         kl = cross[:k] - self.lse_ref[None, :] + lse_b[:k]
         return [float(max(0.0, np.mean(row))) for row in kl]
@@ -138,7 +123,7 @@ def measure_damage(
     from tierquant.core.checkpoint import Checkpoint
     from tierquant.core.gptoss import shape_of_checkpoint
     from tierquant.core.precision import BF16
-    from tierquant.plan.allocate import allocation_groups
+    from tierquant.quality.damage import allocation_groups
     from tierquant.quality.stream import StreamedModel, compute_dtype
 
     shape = shape_of_checkpoint(original_dir)
@@ -309,8 +294,9 @@ def measure(
     import mlx.core as mx
 
     from tierquant.core.gptoss import shape_of_checkpoint
-    from tierquant.plan.allocate import allocation_groups, parse_candidates
+    from tierquant.core.precision import parse_candidates
     from tierquant.quality.calibration import calibration_windows
+    from tierquant.quality.damage import allocation_groups
     from tierquant.quality.stream import compute_dtype
 
     precisions = parse_candidates(candidates, group_size)

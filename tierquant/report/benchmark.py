@@ -25,13 +25,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tierquant.config import BenchmarkConfig
 from tierquant.core.checkpoint import Checkpoint
 from tierquant.core.files import atomic_output, json_bytes, read_json
 from tierquant.core.gptoss import GptOssShape
@@ -39,6 +38,7 @@ from tierquant.errors import TierquantError
 from tierquant.plan.footprint import (
     GIB,
     PARTS,
+    MemoryModel,
     bandwidth_table,
     bytes_per_token,
     fit_table,
@@ -50,6 +50,23 @@ log = logging.getLogger(__name__)
 
 VARIANTS = ("model", "original")
 THIS_MACHINE = "this machine"
+
+
+@dataclass
+class BenchmarkSettings:
+    """How the speed benchmark runs (params: `benchmark`): `contexts` are prompt lengths,
+    each timed `trials` times after `warmup` untimed runs generating `generate_tokens`;
+    prompts are seeded random token ids; `probe_mib` sizes the memory-bandwidth probe;
+    `chips` maps a chip name to its memory bandwidth in GB/s (vendor figures)."""
+
+    contexts: list[int] = field(default_factory=lambda: [1024, 4096])
+    generate_tokens: int = 128
+    trials: int = 3
+    warmup: int = 1
+    seed: int = 0
+    prefill_step_size: int = 2048
+    probe_mib: int = 512
+    chips: dict[str, float] = field(default_factory=dict)
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -133,7 +150,7 @@ class PeakMemory:
         return int(self.mx.get_active_memory()) if self.mlx else self.peak()
 
 
-def check_contexts(model_dir: Path, cfg: BenchmarkConfig) -> tuple[GptOssShape, int]:
+def check_contexts(model_dir: Path, cfg: BenchmarkSettings) -> tuple[GptOssShape, int]:
     """The model's shape and max_position_embeddings; fails if a context cannot run."""
     if not model_dir.is_dir():
         raise TierquantError(
@@ -179,7 +196,7 @@ def prompt_tokens(vocab_size: int, length: int, seed: int) -> list[int]:
 
 
 def time_context(
-    model: Any, tokenizer: Any, prompt: list[int], cfg: BenchmarkConfig, memory: PeakMemory
+    model: Any, tokenizer: Any, prompt: list[int], cfg: BenchmarkSettings, memory: PeakMemory
 ) -> list[dict[str, float]]:
     """`warmup` untimed then `trials` timed runs: prefill/generation tok/s, peak bytes."""
     import mlx.core as mx
@@ -235,7 +252,10 @@ class Measured:
 
 
 def run_benchmark(
-    model_dir: Path, cfg: BenchmarkConfig, machine: Mapping[str, Any] | None = None
+    model_dir: Path,
+    cfg: BenchmarkSettings,
+    memory_model: MemoryModel,
+    machine: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Benchmark the model in `model_dir`: (metrics, plot rows). See the module doc."""
     model_dir = Path(model_dir)
@@ -270,12 +290,13 @@ def run_benchmark(
         seconds=seconds,
         bandwidth=measure_read_bandwidth(cfg.probe_mib),
     )
-    return benchmark_report(model_dir, cfg, machine, measured)
+    return benchmark_report(model_dir, cfg, memory_model, machine, measured)
 
 
 def benchmark_report(
     model_dir: Path,
-    cfg: BenchmarkConfig,
+    cfg: BenchmarkSettings,
+    memory_model: MemoryModel,
     machine: Mapping[str, Any] | None,
     measured: Measured,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -348,7 +369,7 @@ def benchmark_report(
         },
         "speed": speed,
         "bandwidth": table,
-        "fit": fit_table(size["total"], shape, max_positions, cfg),
+        "fit": fit_table(size["total"], shape, max_positions, memory_model),
     }
     return metrics, rows
 
@@ -368,7 +389,13 @@ def write_benchmark(
 
 
 def benchmark(
-    *, variant: str, model_dir: Path, machine_path: Path, settings: BenchmarkConfig, out_dir: Path
+    *,
+    variant: str,
+    model_dir: Path,
+    machine_path: Path,
+    settings: BenchmarkSettings,
+    memory_model: MemoryModel,
+    out_dir: Path,
 ) -> Path:
     """The benchmark@<variant> stage: benchmark `model_dir` (the model or the original)
     with `settings` on the machine `machine_path` describes; write
@@ -379,7 +406,7 @@ def benchmark(
     if not machine_path.is_file():
         raise TierquantError(f"{machine_path}: missing; run the machine stage first")
     t0 = time.perf_counter()
-    metrics, rows = run_benchmark(Path(model_dir), settings, read_json(machine_path))
+    metrics, rows = run_benchmark(Path(model_dir), settings, memory_model, read_json(machine_path))
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     out = write_benchmark(Path(out_dir), variant, metrics, rows)
     log.info("wrote %s (%.1f s)", out, metrics["seconds"])

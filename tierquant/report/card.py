@@ -25,32 +25,20 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from tierquant.core.files import atomic_output, read_json
 from tierquant.errors import TierquantError
-from tierquant.plan.handplan import read_plan
+from tierquant.plan.planfile import read_plan
+from tierquant.plan.size import GIB
 from tierquant.report.pareto import curve_position
-from tierquant.report.provenance import describe_revision, file_sha256, model_digest, repro_command
+from tierquant.report.provenance import describe_revision, repro_command
+from tierquant.report.release import CARD_NAME, made_from
 
 log = logging.getLogger(__name__)
 
-TEMPLATE = Path(__file__).parent / "templates" / "card.md.j2"
-CARD_NAME = "README.md"
-GIB = 2**30
+TEMPLATE = Path(__file__).parent.parent / "templates" / "card.md.j2"
 OPS = {"<=": "≤", ">=": "≥", "<": "<", ">": ">"}
 # Below this many bytes read per generated token, per-token overhead (dispatch, Python),
 # not memory bandwidth, limits generation: bandwidth bounds are not quoted.
 BANDWIDTH_MIN_BYTES = 100 * 2**20
 SPEED_CHART = "speed.png"
-
-
-def default_repo_id(
-    repo_id: str | None, namespace: str | None, model_name: str, recipe_name: str
-) -> str:
-    """`publish.repo_id`, or `<namespace>/<model>-tierquant-<recipe>`; without a namespace
-    the bare `<model>-tierquant-<recipe>` (fine for a dry run and the card; a push
-    refuses it and says to set publish.namespace)."""
-    if repo_id:
-        return repo_id
-    name = f"{model_name}-tierquant-{recipe_name}"
-    return f"{namespace}/{name}" if namespace else name
 
 
 def _maybe_json(path: Path) -> dict[str, Any] | None:
@@ -343,15 +331,6 @@ def speed_chart(model: dict[str, Any] | None, original: dict[str, Any] | None, o
     fig.savefig(out, format="png", metadata={"Software": None})
     plt.close(fig)
     return True
-
-
-def made_from(model_dir: Path, validate_path: Path) -> dict[str, str | None]:
-    """The digests of what the card describes (data/model's files, validate.json's bytes):
-    recorded in the card's metadata, so publish refuses a card that no longer matches."""
-    return {
-        "model_sha256": model_digest(model_dir),
-        "validate_sha256": file_sha256(validate_path),
-    }
 
 
 @dataclass(frozen=True)

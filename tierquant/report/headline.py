@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from tierquant.core.files import atomic_output, json_bytes, read_json
+from tierquant.plan.size import GIB
 
-GIB = 2**30
 QUALITY_FILE = "quality.json"
 SPEED_PREFIX = {"model": "", "original": "orig_"}
 QUALITY_KEYS = ("passed", "bpw", "GiB", "kld_mean", "top1")

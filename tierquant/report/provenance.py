@@ -2,24 +2,22 @@
 
 The model card's reproduction section and the publish commit message use these.
 "Params that differ from defaults" compares the run's typed config with the
-composition of `conf/` (tierquant.config.compose), both normalized through the same
-schema. The model and recipe config groups are compared as group choices
+composition of `conf/` (a `defaults_of` function the caller passes), both normalized
+through the same schema. The model and recipe config groups are compared as group choices
 (`model=gpt-oss-120b`, `recipe=mixed_3_6`), so switching a recipe is one override rather
 than every key of it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
 import shlex
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from tierquant.config import compose, project_root, validate
 
 # Keys that never change what is built: left out of the params hash and the command.
 NOT_BUILD_PARAMS = ("publish",)
@@ -38,13 +36,12 @@ def pipeline_outputs(paths: dict[str, str]) -> list[str]:
     return [*PIPELINE_FILES, *outputs, *sorted(gitignores)]
 
 
-def git_revision(root: Path | None = None, ignore: list[str] | tuple[str, ...] = ()) -> dict:
+def git_revision(root: Path, ignore: list[str] | tuple[str, ...] = ()) -> dict:
     """`{"commit": sha or None, "dirty": bool or None}` of the checkout at `root`.
 
     `dirty` counts tracked and untracked (non-ignored) changes, as `git status` does,
     outside the paths in `ignore`. Without git, or outside a repository, both are None.
     """
-    root = root or project_root()
 
     def git(*args: str) -> str | None:
         try:
@@ -70,12 +67,6 @@ def describe_revision(rev: dict[str, Any]) -> str:
     return rev["commit"][:12] + ("+dirty" if rev.get("dirty") else "")
 
 
-def config_dict(config: Any) -> dict[str, Any]:
-    """A typed config (tierquant.config.Config) as plain data (every schema field present):
-    what the functions here take as `params`."""
-    return dataclasses.asdict(config)
-
-
 def params_hash(params: dict[str, Any]) -> str:
     """sha256 (first 16 hex digits) of the build params: everything but `publish`."""
     data = {k: v for k, v in params.items() if k not in NOT_BUILD_PARAMS}
@@ -92,20 +83,6 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
-def compose_defaults(overrides: list[str] | None = None) -> dict[str, Any]:
-    """The typed composition of `conf/` (+ overrides) as plain data, also from inside a
-    running Hydra app (a stage): Hydra's global state is set aside and restored after."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-
-    backup = get_gh_backup()
-    GlobalHydra.instance().clear()
-    try:
-        return config_dict(validate(compose(overrides)))
-    finally:
-        restore_gh_from_backup(backup)
-
-
 def _group_overrides(params: dict, defaults: dict, root: Path) -> list[str]:
     """`model=<name>` / `recipe=<name>` where the run picked another conf/ group file."""
     overrides = []
@@ -116,18 +93,23 @@ def _group_overrides(params: dict, defaults: dict, root: Path) -> list[str]:
     return overrides
 
 
-def params_diff(params: dict[str, Any], root: Path | None = None) -> dict[str, Any]:
-    """How this run's params (config_dict of the typed config) differ from `conf/`'s.
+Defaults = Callable[[list[str]], dict[str, Any]]
+"""`defaults(overrides)`: the composition of `conf/` with Hydra `overrides`, as plain data
+in the same form as the run's params (tierquant.config.compose_defaults)."""
+
+
+def params_diff(params: dict[str, Any], defaults_of: Defaults, root: Path) -> dict[str, Any]:
+    """How this run's params (every schema field, as plain data) differ from `conf/`'s
+    (`defaults_of`; `root`: the checkout whose conf/ groups are looked up).
 
     Returns `{"groups": [...], "changed": [(key, value, default)], "overrides": [...]}`;
     `overrides` are the Hydra overrides that recreate the run (`groups` first).
     `publish.*` is left out: it never changes what is built.
     """
-    root = root or project_root()
-    defaults = compose_defaults()
+    defaults = defaults_of([])
     groups = _group_overrides(params, defaults, root)
     if groups:
-        defaults = compose_defaults(groups)
+        defaults = defaults_of(groups)
     ours = {k: v for k, v in _flatten(params).items() if k.split(".")[0] not in NOT_BUILD_PARAMS}
     theirs = {
         k: v for k, v in _flatten(defaults).items() if k.split(".")[0] not in NOT_BUILD_PARAMS
@@ -166,14 +148,16 @@ def override_value(value: Any) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def build_provenance(params: dict[str, Any], *, diff: bool = True) -> dict[str, Any]:
+def build_provenance(
+    params: dict[str, Any], *, root: Path, defaults_of: Defaults | None = None
+) -> dict[str, Any]:
     """Where a build came from, for the card and the publish receipt: `revision` (git
-    commit + dirty, the pipeline's own outputs ignored), `params_hash`, and (with `diff`)
-    `diff` = params_diff(params)."""
+    commit + dirty of the checkout at `root`, the pipeline's own outputs ignored),
+    `params_hash`, and (given `defaults_of`) `diff` = params_diff(params, ...)."""
     return {
-        "revision": git_revision(ignore=pipeline_outputs(params["paths"])),
+        "revision": git_revision(root, ignore=pipeline_outputs(params["paths"])),
         "params_hash": params_hash(params),
-        "diff": params_diff(params) if diff else None,
+        "diff": params_diff(params, defaults_of, root) if defaults_of else None,
     }
 
 

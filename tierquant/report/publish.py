@@ -47,14 +47,12 @@ from typing import Any
 
 from tierquant.core.files import atomic_output, json_bytes, read_json
 from tierquant.errors import TierquantError
-from tierquant.report.card import CARD_NAME
 from tierquant.report.provenance import (
     describe_revision,
-    file_sha256,
     hash_file,
-    model_digest,
     model_files,
 )
+from tierquant.report.release import CARD_NAME, made_from
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +189,7 @@ def publish(*, build: Build, target: Target, receipt_path: Path) -> dict[str, An
         receipt["total_bytes"] = sum(f.size for f in files)
         model_hashes = {f.path: f.sha256 for f in files if f.path in model_files(model_dir)}
         receipt["source"]["repo_id"] = target.repo_id
-        receipt["source"]["model_sha256"] = model_digest(model_dir, model_hashes)
-        receipt["source"]["validate_sha256"] = file_sha256(build.validate)
+        receipt["source"].update(made_from(model_dir, build.validate, model_hashes))
         if not pub.push:
             check_card_matches(card_path, receipt["source"], build.validate)
             receipt["status"] = "dry-run"
@@ -247,10 +244,10 @@ def card_build(card_path: Path) -> dict[str, Any]:
 def check_card_matches(card_path: Path, source: dict[str, Any], validate_path: Path) -> None:
     """Refuse (dry run and push) a card made from another model or another validate.json:
     after a failed experiment the workspace holds a new model beside an old card."""
-    made_from = card_build(card_path)
-    if made_from.get("repo_id") != source.get("repo_id"):
+    recorded = card_build(card_path)
+    if recorded.get("repo_id") != source.get("repo_id"):
         raise TierquantError(
-            f"publish refused: {card_path} is written for {made_from.get('repo_id')!r}, not "
+            f"publish refused: {card_path} is written for {recorded.get('repo_id')!r}, not "
             f"{source.get('repo_id')!r} (its heading and usage snippet name the repo); "
             "rebuild it with the same publish.* settings: `python stages/card.py "
             "publish.namespace=...` (or set publish.namespace in conf/ and `dvc repro`)"
@@ -259,10 +256,10 @@ def check_card_matches(card_path: Path, source: dict[str, Any], validate_path: P
         ("model_sha256", "model", "data/model"),
         ("validate_sha256", "validation metrics", str(validate_path)),
     ):
-        if made_from.get(key) != source.get(key):
+        if recorded.get(key) != source.get(key):
             raise TierquantError(
                 f"publish refused: {card_path} was made from another {what} than the one in "
-                f"{path} now (card: {made_from.get(key)}, now: {source.get(key)}), e.g. after "
+                f"{path} now (card: {recorded.get(key)}, now: {source.get(key)}), e.g. after "
                 "a failed experiment; rebuild the card with `dvc repro` (or `python "
                 "stages/card.py`) once validation has run"
             )

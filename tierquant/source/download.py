@@ -11,10 +11,10 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from tierquant.config import SyntheticConfig
 from tierquant.core.files import atomic_output
 from tierquant.core.gptoss import verify_original
 from tierquant.errors import TierquantError
+from tierquant.source.synthetic import SyntheticSpec
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def download(
     out: Path,
     source: str,
     name: str,
-    synthetic: SyntheticConfig | None = None,
+    synthetic: SyntheticSpec | None = None,
     repo_id: str | None = None,
     revision: str | None = None,
     allow_patterns: Sequence[str] = (),

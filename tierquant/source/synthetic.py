@@ -24,21 +24,42 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from tierquant.config import SyntheticConfig
-from tierquant.core.bf16 import to_bf16_bits
 from tierquant.core.checkpoint import ShardedWriter, TensorSpec
 from tierquant.core.files import write_json
 from tierquant.core.gptoss import GptOssShape, hf_tensor_specs
-from tierquant.core.mxfp4 import FP4_VALUES
+from tierquant.core.mxfp4 import FP4_VALUES, to_bf16_bits
 from tierquant.errors import TierquantError
-from tierquant.source.tokenizer import build_tokenizer_files, load_corpus, special_token_ids
+from tierquant.quality.evalset import load_corpus
+from tierquant.source.tokenizer import build_tokenizer_files, special_token_ids
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyntheticSpec:
+    """Shape and seed of a synthetic gpt-oss checkpoint (params: model.synthetic)."""
+
+    seed: int = 0
+    num_hidden_layers: int = 6
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    hidden_size: int = 128
+    intermediate_size: int = 128
+    head_dim: int = 64
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    sliding_window: int = 32
+    vocab_size: int = 1024
+    num_regular_tokens: int = 1000
+    max_shard_bytes: int = 1_000_000
+    fit_to_corpus: bool = True
+
 
 BLOCK_GAIN = 0.1  # each attention / MoE block's output RMS relative to the residual's
 TARGET_ENTROPY = 1.0  # nats: mean next-token entropy of the embedding→lm_head path
@@ -46,11 +67,11 @@ ROUTER_LOGIT_RMS = 2.0  # spread of router logits: larger means more decisive ro
 FP4_CODE_STD = 2.0  # spread of the FP4 codes drawn for expert weights, in FP4 units
 
 
-def shape_of(spec: SyntheticConfig) -> GptOssShape:
+def shape_of(spec: SyntheticSpec) -> GptOssShape:
     return GptOssShape.from_config(config_json(spec), "model.synthetic")
 
 
-def config_json(spec: SyntheticConfig) -> dict:
+def config_json(spec: SyntheticSpec) -> dict:
     """config.json with every key the real gpt-oss-120b config has, sizes from `spec`."""
     ids = special_token_ids(spec.num_regular_tokens)
     layers = spec.num_hidden_layers
@@ -107,7 +128,7 @@ def config_json(spec: SyntheticConfig) -> dict:
     }
 
 
-def generation_config_json(spec: SyntheticConfig) -> dict:
+def generation_config_json(spec: SyntheticSpec) -> dict:
     ids = special_token_ids(spec.num_regular_tokens)
     return {
         "bos_token_id": ids["<|startoftext|>"],
@@ -140,7 +161,7 @@ def _temperature_for_entropy(logits: np.ndarray, *, hi: float, steps: int) -> fl
 class _Weights:
     """Generates each tensor of the checkpoint from its name."""
 
-    def __init__(self, spec: SyntheticConfig, shape: GptOssShape, corpus_ids: list[int] | None):
+    def __init__(self, spec: SyntheticSpec, shape: GptOssShape, corpus_ids: list[int] | None):
         self.spec = spec
         self.shape = shape
         self.embed, self.lm_head = self._vocab_matrices(corpus_ids)
@@ -257,7 +278,7 @@ class _Weights:
                 yield (exponent + jitter).astype(np.uint8)
 
 
-def write_synthetic_checkpoint(out_dir: Path, spec: SyntheticConfig) -> None:
+def write_synthetic_checkpoint(out_dir: Path, spec: SyntheticSpec) -> None:
     """Write the checkpoint described by `spec` into the existing directory `out_dir`."""
     out_dir = Path(out_dir)
     shape = shape_of(spec)

@@ -11,8 +11,6 @@ library's BpeTrainer (the library mlx-lm and transformers load tokenizer.json wi
 from __future__ import annotations
 
 import json
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from tokenizers import (
@@ -118,11 +116,6 @@ def special_token_ids(num_regular: int) -> dict[str, int]:
     return {token: num_regular + i for i, token in enumerate(SPECIAL_TOKENS)}
 
 
-def load_corpus() -> str:
-    """Return the bundled public-domain English corpus (``tierquant/assets/corpus.txt``)."""
-    return resources.files("tierquant").joinpath("assets/corpus.txt").read_text(encoding="utf-8")
-
-
 def train_tokenizer(corpus: str, num_regular: int) -> Tokenizer:
     """A byte-level BPE tokenizer laid out like gpt-oss's, trained on ``corpus``.
 
@@ -200,18 +193,3 @@ def build_tokenizer_files(num_regular: int, corpus: str) -> dict[str, bytes]:
         "special_tokens_map.json": json_bytes(special_map),
         "chat_template.jinja": CHAT_TEMPLATE.encode("utf-8"),
     }
-
-
-def write_tokenizer_files(
-    out_dir: Path, num_regular: int, corpus: str | None = None
-) -> dict[str, int]:
-    """Write the tokenizer files into ``out_dir`` and return the special-token ids.
-
-    ``corpus`` defaults to the bundled one (``load_corpus()``).
-    """
-    text = load_corpus() if corpus is None else corpus
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in build_tokenizer_files(num_regular, text).items():
-        (out_dir / name).write_bytes(data)
-    return special_token_ids(num_regular)
