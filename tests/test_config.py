@@ -95,3 +95,41 @@ def test_stage_help_says_what_the_stage_does():
 def test_numeric_params_are_range_checked_naming_the_key(override, key):
     with pytest.raises(TierquantError, match=re.escape(key)):
         validate(compose([override]))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("budget.router=4", "budget.router"),
+        ("measure.candidates=[3,3]", "measure.candidates[1]"),
+        ("measure.candidates=[7]", "measure.candidates[0]"),
+        ("measure.candidates=[]", "measure.candidates"),
+        ("eval.window_length=1", "eval.window_length"),
+        ("calibration.num_windows=0", "calibration.num_windows"),
+    ],
+)
+def test_a_bad_param_stops_every_stage_at_load(tmp_path, override, key):
+    """Checked when the config loads, so even the first stage refuses it: one `error:`
+    line naming the key, nothing written."""
+    out = tmp_path / "original"
+    proc = run_stage("download", override, f"paths.original={out}")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr
+    assert key in errors[0], errors
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_recipe_auto_budget_values_are_checked_at_load():
+    base = ["recipe=auto"]
+    for override, key in [
+        ("budget.bits_per_weight=1.0", "budget.bits_per_weight"),
+        ("budget.gib=-1", "budget.gib"),
+        ("budget.fit.memory_gib=64", "budget.fit.context"),
+        ("budget.router=4", "budget.router"),
+    ]:
+        with pytest.raises(TierquantError, match=re.escape(key)):
+            validate(compose([*base, override]))
+    with pytest.raises(TierquantError, match="tiers"):
+        validate(compose([*base, "budget.gib=1", "tiers.q4=5"]))
+    validate(compose([*base, "budget.bits_per_weight=3.5"]))

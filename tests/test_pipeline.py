@@ -113,3 +113,32 @@ def test_exp_run_attention_6_reruns_only_the_attention_tier_onward(reproduced):
     assert {"quantize@attention", "assemble"} <= ran
     # experts goes back to 3 bits (Hydra recomposes conf/): restored from the run-cache.
     assert not ran & (UPSTREAM | {"quantize@control", "quantize@sensitive", "quantize@experts"})
+
+
+@pytest.mark.parametrize(
+    "module, stage",
+    [
+        ("tierquant/plan/allocate.py", "plan"),  # the knapsack: never measure
+        ("tierquant/source/tokenizer.py", "download"),  # the tokenizer trainer
+        ("tierquant/quality/damage.py", "measure"),  # damage.json's format: measure, plan
+    ],
+)
+def test_a_code_edit_invalidates_only_the_stages_that_run_it(reproduced, module, stage):
+    """dvc.yaml's code deps are each stage's imports (tests/test_code_deps.py): an edit to
+    one module changes the stages that import it, and DVC reruns from there."""
+    repo, _ = reproduced
+    path = repo / module
+    text = path.read_text()
+    try:
+        path.write_text(text + "\n# an edit\n")
+        proc = run(["dvc", "status"], repo)
+        changed = {line[:-1] for line in proc.stdout.splitlines() if line.endswith(":")}
+    finally:
+        path.write_text(text)
+    assert stage in changed, proc.stdout
+    if module.endswith("allocate.py"):
+        assert changed - ALWAYS_RUN == {"plan"}, proc.stdout
+    if module.endswith("tokenizer.py"):
+        assert changed - ALWAYS_RUN == {"download"}, proc.stdout
+    if module.endswith("damage.py"):
+        assert changed - ALWAYS_RUN == {"measure", "plan"}, proc.stdout

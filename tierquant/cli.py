@@ -20,17 +20,17 @@ from tierquant.errors import TierquantError
 # equal to stages/*.py.
 STAGES: tuple[tuple[str, str], ...] = (
     ("download", "write data/original: the synthetic tiny model, or a pinned Hub snapshot"),
-    ("convert", "data/original (MXFP4) -> data/float (bf16, mlx-lm names), streamed"),
+    ("convert", "data/original (MXFP4) -> data/float: the exact bf16 export, mlx-lm names"),
     ("measure", "damage of each allocation group at each candidate precision -> data/measure"),
     ("plan", "recipe (or recipe=auto: data/measure + budget) + headers -> data/plan/<tier>.json"),
     ("predict", "plan + tiers + quant -> metrics/predicted_size.json (bytes, bits/weight)"),
-    ("quantize", "one tier of data/float at its precision -> data/quantized/<tier> (tier=...)"),
+    ("quantize", "one tier, read from data/original, at its precision -> data/quantized/<tier>"),
     ("assemble", "every tier's shards (linked) -> data/model, a stock mlx-lm model"),
     ("reference", "the original's log-probs on the eval set -> data/reference"),
     ("validate", "data/model's structure and KLD/top-1/PPL vs the reference; the gate"),
     ("pareto", "this run's (bits/weight, kld_mean, top-1) -> metrics/pareto.json (sweep plot)"),
     ("machine", "record this machine (OS, chip, memory, MLX) -> data/machine.json"),
-    ("benchmark", "prefill/generation tok/s and peak memory ({model|original})"),
+    ("benchmark", "prefill/generation tok/s and peak memory (variant=model|original)"),
     ("card", "the model card data/card/README.md from this run's measurements"),
     ("publish", "dry-run receipt data/publish.json, or a push (publish.push=true)"),
 )

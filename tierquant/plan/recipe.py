@@ -1,4 +1,4 @@
-"""Recipes: rules that put every tensor of the float checkpoint into one tier.
+"""Recipes: rules that put every tensor of the model (mlx-lm names) into one tier.
 
 A recipe (`recipe:` in params, from conf/recipe/<name>.yaml) maps tier name -> rules.
 A rule selects tensors (`tierquant.core.gptoss.Weight`) by any combination of
