@@ -13,7 +13,6 @@ def run(config: Config) -> None:
     assemble_model(
         tiers=config.precisions(),
         quantized_dir=Path(paths.quantized),
-        float_dir=Path(paths.float),
         original_dir=Path(paths.original),
         out_dir=Path(paths.model),
         size_metrics=Path(paths.size_metrics),

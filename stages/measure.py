@@ -1,4 +1,8 @@
-"""measure: damage of each allocation group at each candidate precision → data/measure."""
+"""measure@damage: damage of each allocation group at each candidate precision → data/measure.
+
+Exists for a recipe that allocates (recipe=auto) only: dvc.yaml's foreach over
+`recipe.allocation`.
+"""
 
 from pathlib import Path
 
@@ -8,16 +12,15 @@ from tierquant.stage import stage_main
 
 
 def run(config: Config) -> None:
-    """Stream the original checkpoint (paths.original) over the calibration set
-    (calibration.*, kept off the eval windows, eval.*) and score every group at
-    measure.candidates (quant.group_size) → paths.measure, and paths.measure_plot (the
-    heatmap's CSV)."""
+    """Stream the original checkpoint (paths.original) over the calibration windows
+    (paths.calibration) and score every group at measure.candidates (quant.group_size)
+    → paths.measure, and paths.measure_plot (the heatmap's CSV)."""
     measure(
         original=Path(config.paths.original),
-        calibration=config.calibration,
-        eval_config=config.eval,
+        windows=Path(config.paths.calibration),
         candidates=list(config.measure.candidates),
         group_size=config.quant.group_size,
+        batch_size=config.calibration.batch_size,
         out=Path(config.paths.measure),
         plot=Path(config.paths.measure_plot),
     )

@@ -56,7 +56,7 @@ def build_model(root: Path, original: Path, float_dir: Path, overrides: list[str
     from tierquant.pipeline import paths_under, run_stages
 
     config = validate(compose(list(overrides)))
-    config = paths_under(config, root, original=original, float=float_dir)
+    config = paths_under(config, root, original=original)
     run_stages(config, ["plan", "quantize", "assemble"])
     return config, Path(config.paths.model), read_json(Path(config.paths.size_metrics))
 

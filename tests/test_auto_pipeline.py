@@ -30,7 +30,9 @@ def test_budget_change_reruns_only_plan_and_moved_tiers(tmp_path):
         ["dvc", "exp", "run", "-S", "recipe=auto", "-S", "budget.bits_per_weight=4.0", *targets],
         repo,
     )
-    assert {"measure", "plan", "reference", "quantize@q3", "assemble"} <= _ran(first.stdout)
+    assert {"measure@damage", "allocate@damage", "reference", "quantize@q3", "assemble"} <= _ran(
+        first.stdout
+    )
     before = _plan_hashes(repo)
     allocation = json.loads((repo / "data/plan/auto/allocation.json").read_text())
     assert 3.99 <= allocation["bits_per_weight"] <= 4.0
@@ -47,9 +49,9 @@ def test_budget_change_reruns_only_plan_and_moved_tiers(tmp_path):
     after = _plan_hashes(repo)
     moved = {t for t in after if after[t] != before.get(t)}
     assert moved, "a lower budget must move some group to another precision"
-    assert {"plan", "predict", "assemble"} <= ran
+    assert {"allocate@damage", "predict", "assemble"} <= ran
     assert "Stage 'reference' didn't change, skipping" in second.stdout
-    assert not ran & {"download", "convert", "measure", "reference"}, ran
+    assert not ran & {"download", "calibration@damage", "measure@damage", "reference"}, ran
     assert {s.split("@", 1)[1] for s in ran if s.startswith("quantize@")} == moved
     allocation = json.loads((repo / "data/plan/auto/allocation.json").read_text())
     assert 3.29 <= allocation["bits_per_weight"] <= 3.3

@@ -311,3 +311,37 @@ def test_stage_script_fails_without_traceback(tmp_path, tiny_original, case):
     }[case]
     assert expected in proc.stderr
     assert not (tmp_path / "benchmark" / "original.json").exists()
+
+
+def test_a_model_that_cannot_fit_is_reported_not_loaded(tmp_path, tiny_original, monkeypatch):
+    """On a machine that cannot give the model its bytes (faked: 1 MiB available), the
+    benchmark says so from the headers and never loads it; exit 0 for the stage."""
+    monkeypatch.setattr(bench, "memory_available", lambda: (1 << 20, "a fake small machine"))
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(bench, "load_model", no_load)
+    config = _config(tmp_path, tiny_original, **QUICK)
+    write_machine(Path(config.paths.machine))
+    out = bench.benchmark(
+        variant="original",
+        model_dir=tiny_original,
+        machine_path=Path(config.paths.machine),
+        settings=config.benchmark,
+        memory_model=config.memory,
+        out_dir=Path(config.paths.benchmark),
+    )
+    metrics = json.loads(out.read_text())
+    check = metrics["memory_check"]
+    with Checkpoint(tiny_original) as ckpt:
+        resident = sum(i.nbytes for i in ckpt.tensors.values())
+    need = (resident + config.memory.overhead_gib * 2**30) / 2**30
+    assert check["fits"] is False and metrics["speed"] == {}
+    assert check["verdict"] == f"does not fit: {need:.1f} GiB > {1 / 1024:.1f} GiB"
+    assert check["available_from"] == "a fake small machine"
+
+
+def test_memory_available_reads_this_machine():
+    available, source = bench.memory_available()
+    assert available > 0 and source

@@ -336,3 +336,26 @@ def test_card_states_the_budget_and_where_it_sits_on_the_sweep(run_dir: Path, tm
 def test_a_hand_recipe_without_a_sweep_says_neither(run_dir: Path) -> None:
     text = build_card(_config(run_dir)).read_text()
     assert "Bits allocated by measurement" not in text and "size/quality curve" not in text
+
+
+def test_card_states_an_original_that_does_not_fit(run_dir: Path, tmp_path: Path) -> None:
+    """The seed card's own row: on a machine too small for the original, the benchmark
+    records "does not fit: X GiB > Y GiB" and the card shows it in the original's column."""
+    bench_dir = tmp_path / "benchmark"
+    bench_dir.mkdir()
+    (bench_dir / "model.json").write_text((run_dir / "benchmark" / "model.json").read_text())
+    verdict = "does not fit: 65.3 GiB > 48.0 GiB"
+    original = {
+        "variant": "original",
+        "speed": {},
+        "memory_check": {"fits": False, "verdict": verdict, "available_from": "Metal's"},
+    }
+    (bench_dir / "original.json").write_text(json.dumps(original))
+    config = _config(run_dir)
+    paths = replace(config.paths, benchmark=str(bench_dir), card=str(tmp_path / "card"))
+    text = build_card(replace(config, paths=paths)).read_text()
+    start = text.index("## Speed")
+    speed = text[start : text.index("\n## ", start + 3)]
+    rows = [line for line in speed.splitlines() if re.match(r"\| [0-9,]+ \|", line)]
+    assert rows and all(row.rstrip(" |").endswith(verdict) for row in rows), speed
+    assert f"The original: {verdict}" in speed

@@ -61,7 +61,7 @@ def test_metrics_are_the_headline(repo):
 
 
 def test_cache_verify_evicts_an_in_place_edit_and_repro_restores(repo):
-    shard = sorted((repo / "data" / "float").glob("*.safetensors"))[0]
+    shard = sorted((repo / "data" / "model").glob("*.safetensors"))[0]
     good = shard.read_bytes()
     linked = shard.stat().st_nlink > 1  # hardlinked into the cache (.dvc/config)
     assert linked, "cache.type hardlink: an output and its cache object are one file"
@@ -73,7 +73,7 @@ def test_cache_verify_evicts_an_in_place_edit_and_repro_restores(repo):
     assert verify.returncode == 1, verify.stdout
     assert "evicted" in verify.stdout and shard.name in verify.stdout
     proc = run(["dvc", "repro"], repo)
-    assert "Running stage 'convert'" in proc.stdout
+    assert "Running stage 'assemble'" in proc.stdout
     assert shard.read_bytes() == good
     again = run([PYTHON, "-m", "tierquant.cli", "cache", "verify"], repo)
     assert "cache ok" in again.stdout

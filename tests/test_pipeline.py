@@ -56,7 +56,7 @@ def test_dvc_status_is_clean(reproduced):
     assert changed <= ALWAYS_RUN, proc.stdout
 
 
-UPSTREAM = {"download", "convert", "plan"}
+UPSTREAM = {"download", "plan@rules"}
 OTHER_TIERS = {"quantize@control", "quantize@sensitive", "quantize@attention"}
 
 
@@ -116,14 +116,14 @@ def test_exp_run_attention_6_reruns_only_the_attention_tier_onward(reproduced):
 
 
 @pytest.mark.parametrize(
-    "module, stage",
+    "module, changed",
     [
-        ("tierquant/plan/allocate.py", "plan"),  # the knapsack: never measure
-        ("tierquant/source/tokenizer.py", "download"),  # the tokenizer trainer
-        ("tierquant/quality/damage.py", "measure"),  # damage.json's format: measure, plan
+        ("tierquant/plan/allocate.py", set()),  # the knapsack: no seed stage runs it
+        ("tierquant/source/tokenizer.py", {"download"}),  # the tokenizer trainer
+        ("tierquant/plan/handplan.py", {"plan@rules"}),  # a hand recipe's rules
     ],
 )
-def test_a_code_edit_invalidates_only_the_stages_that_run_it(reproduced, module, stage):
+def test_a_code_edit_invalidates_only_the_stages_that_run_it(reproduced, module, changed):
     """dvc.yaml's code deps are each stage's imports (tests/test_code_deps.py): an edit to
     one module changes the stages that import it, and DVC reruns from there."""
     repo, _ = reproduced
@@ -132,13 +132,18 @@ def test_a_code_edit_invalidates_only_the_stages_that_run_it(reproduced, module,
     try:
         path.write_text(text + "\n# an edit\n")
         proc = run(["dvc", "status"], repo)
-        changed = {line[:-1] for line in proc.stdout.splitlines() if line.endswith(":")}
     finally:
         path.write_text(text)
-    assert stage in changed, proc.stdout
-    if module.endswith("allocate.py"):
-        assert changed - ALWAYS_RUN == {"plan"}, proc.stdout
-    if module.endswith("tokenizer.py"):
-        assert changed - ALWAYS_RUN == {"download"}, proc.stdout
-    if module.endswith("damage.py"):
-        assert changed - ALWAYS_RUN == {"measure", "plan"}, proc.stdout
+    stages = {line[:-1] for line in proc.stdout.splitlines() if line.endswith(":")}
+    assert stages - ALWAYS_RUN == changed, proc.stdout
+
+
+def test_the_seed_recipe_runs_no_measure_and_writes_no_float(reproduced):
+    """Only a recipe that allocates measures (dvc.yaml's foreach over
+    recipe.allocation), and the bf16 export is never part of the run."""
+    repo, proc = reproduced
+    ran = _ran(proc.stdout)
+    assert not ran & {"measure@damage", "calibration@damage", "allocate@damage", "convert"}
+    assert "plan@rules" in ran
+    for absent in ("float", "measure", "calibration.npy"):
+        assert not (repo / "data" / absent).exists(), absent

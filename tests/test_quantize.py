@@ -209,7 +209,6 @@ def test_stale_tier_output_is_refused(seed_model, tmp_path):
         assemble_model(
             tiers=tiers,
             quantized_dir=root / "quantized",
-            float_dir=root.parent,
             original_dir=root.parent,
             out_dir=tmp_path / "model",
             size_metrics=tmp_path / "s.json",

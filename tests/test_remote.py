@@ -152,7 +152,7 @@ def test_exp_run_after_pull_runs_only_that_tier(machine_b, s3):
     proc = dvc(["exp", "run", "-S", "tiers.experts=4"], machine_b.path, s3)
     ran = _ran(proc.stdout)
     assert {"quantize@experts", "assemble", "validate", "benchmark@model", "card"} <= ran
-    untouched = {"download", "convert", "plan", "reference", "benchmark@original"}
+    untouched = {"download", "plan@rules", "reference", "benchmark@original"}
     untouched |= {"quantize@control", "quantize@sensitive", "quantize@attention"}
     assert not ran & untouched, ran
 
@@ -164,7 +164,7 @@ def _queue_done(repo: Path, s3: S3Server) -> bool:
 
 def test_queued_sweep_runs_two_experiments_in_parallel(machine_b, s3):
     """Two tier variants queued and run with two workers, each in its own temporary
-    copy under .dvc/tmp/exps: both show with their metrics; neither reruns convert or
+    copy under .dvc/tmp/exps: both show with their metrics; neither reruns plan or
     reference (their outputs come from the cache, their stages are unchanged)."""
     repo = machine_b.path
     for name, bits in (("experts6", "6"), ("experts5", "5")):
@@ -183,7 +183,7 @@ def test_queued_sweep_runs_two_experiments_in_parallel(machine_b, s3):
         log = dvc(["queue", "logs", name], repo, s3).stdout
         ran = _ran(log)
         assert "quantize@experts" in ran and "validate" in ran, log
-        assert not ran & {"download", "convert", "plan", "reference", "benchmark@original"}
+        assert not ran & {"download", "plan@rules", "reference", "benchmark@original"}
     shown = yaml.safe_load(dvc(["exp", "show", "--json"], repo, s3).stdout)
     exps = {}
     for baseline in shown:

@@ -20,9 +20,10 @@ from tierquant.errors import TierquantError
 # equal to stages/*.py.
 STAGES: tuple[tuple[str, str], ...] = (
     ("download", "write data/original: the synthetic tiny model, or a pinned Hub snapshot"),
-    ("convert", "data/original (MXFP4) -> data/float: the exact bf16 export, mlx-lm names"),
-    ("measure", "damage of each allocation group at each candidate precision -> data/measure"),
+    ("convert", "by hand only: data/original -> data/float, the exact bf16 export (mlx-lm)"),
     ("plan", "recipe (or recipe=auto: data/measure + budget) + headers -> data/plan/<tier>.json"),
+    ("calibration", "recipe=auto: calibration windows, off the eval set -> data/calibration.npy"),
+    ("measure", "recipe=auto: damage of each allocation group x candidate -> data/measure"),
     ("predict", "plan + tiers + quant -> metrics/predicted_size.json (bytes, bits/weight)"),
     ("quantize", "one tier, read from data/original, at its precision -> data/quantized/<tier>"),
     ("assemble", "every tier's shards (linked) -> data/model, a stock mlx-lm model"),
@@ -36,8 +37,9 @@ STAGES: tuple[tuple[str, str], ...] = (
 )
 
 EPILOG = """\
-The stages above are the pipeline's (`dvc repro` runs them all, in this order);
-`tierquant <stage> --help` says how to call one.
+The stages above are the pipeline's, in order: `dvc repro` runs those the recipe needs
+(calibration and measure only for recipe=auto; convert, the bf16 export, never: run
+`tierquant convert` for data/float). `tierquant <stage> --help` says how to call one.
 
 maintenance:
   cache verify         rehash every DVC cache object, evict the corrupt ones (and the

@@ -78,6 +78,7 @@ class PathsConfig:
     card: str = "data/card"  # holds README.md
     headline: str = "metrics/headline"  # the DVC metrics: quality.json, model.json, original.json
     publish: str = "data/publish.json"
+    calibration: str = "data/calibration.npy"  # recipe=auto: the calibration windows
     measure: str = "data/measure"  # damage per allocation group x precision (measure stage)
     measure_plot: str = "metrics/measure_damage.csv"  # the same, for the dvc plots heatmap
     pareto: str = "metrics/pareto.json"  # this run's (bpw, kld_mean, top-1) for the sweep plot

@@ -70,15 +70,15 @@ def assemble_model(
     *,
     tiers: dict[str, Precision],
     quantized_dir: Path,
-    float_dir: Path,
     original_dir: Path,
     out_dir: Path,
     size_metrics: Path,
     error_plot: Path,
 ) -> dict:
-    """Link the tiers' shards into `out_dir` and write config, index and metrics."""
+    """Link the tiers' shards into `out_dir` and write config, index and metrics; the
+    config and side files are the original's (its `quantization_config` replaced)."""
     manifests = {t: read_manifest(quantized_dir, t, p) for t, p in tiers.items()}
-    shape = shape_of_checkpoint(float_dir)
+    shape = shape_of_checkpoint(original_dir)
     weights = mlx_weights(shape)
     owner: dict[str, str] = {}
     for tier, manifest in manifests.items():
@@ -105,8 +105,8 @@ def assemble_model(
         {t: m["modules"] for t, m in manifests.items()},
         {t: m["params"] for t, m in manifests.items()},
     )
-    float_config = read_json(float_dir / "config.json")
-    model_config = {k: v for k, v in float_config.items() if k not in QUANTIZATION_KEYS}
+    original_config = read_json(Path(original_dir) / "config.json")
+    model_config = {k: v for k, v in original_config.items() if k not in QUANTIZATION_KEYS}
     if quantization is not None:
         model_config.update({key: quantization for key in QUANTIZATION_KEYS})
     with atomic_output(out_dir) as tmp:
@@ -127,7 +127,7 @@ def assemble_model(
             },
         )
         write_json(tmp / "config.json", model_config)
-        copy_side_files(float_dir, tmp)
+        copy_side_files(original_dir, tmp)
     log.info(
         "wrote %s: %d shard(s) %s from %d tiers", out_dir, count, "/".join(sorted(how)), len(tiers)
     )

@@ -80,6 +80,12 @@ class RecipeConfig:
     # true (recipe=auto): no rules; plan gives each allocation group the precision
     # that data/measure + `budget` choose (tierquant.plan.allocate), tiers keyed by precision
     allocate: bool = False
+    # dvc.yaml's foreach lists, so that a stage exists only for the recipes that need it:
+    # a hand recipe plans by its rules (plan@rules) and measures nothing; recipe=auto
+    # (allocate) plans from measured damage (calibration@damage, measure@damage,
+    # allocate@damage) and has no plan@rules.
+    plan: list[str] = field(default_factory=lambda: ["rules"])
+    allocation: list[str] = field(default_factory=list)
 
 
 # --- recipe validation -------------------------------------------------------------------
@@ -188,6 +194,13 @@ def check_recipe(recipe: RecipeConfig) -> None:
         raise TierquantError(
             "params: recipe.allocate is true (recipe=auto): the plan allocates from "
             "data/measure and `budget`, so recipe.tiers must be empty"
+        )
+    stages = (["rules"], []) if not recipe.allocate else ([], ["damage"])
+    if (list(recipe.plan), list(recipe.allocation)) != stages:
+        raise TierquantError(
+            f"params: recipe.plan / recipe.allocation must be {stages[0]} / {stages[1]} "
+            f"for a recipe with allocate={str(recipe.allocate).lower()} (they say which "
+            f"stages dvc.yaml defines), got {list(recipe.plan)} / {list(recipe.allocation)}"
         )
     parse_fraction(recipe.edge_layers)
     for tier, rules in recipe.tiers.items():

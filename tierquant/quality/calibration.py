@@ -12,6 +12,7 @@ the two sets are disjoint by construction and the windows are spread as the eval
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,9 @@ from tierquant.quality.evalset import (
     make_windows,
     tokenize,
 )
+from tierquant.quality.windows import write_windows
+
+log = logging.getLogger(__name__)
 
 TEXT_FIELDS = ("source", "path", "repo_id", "revision", "files", "text_column")
 
@@ -97,3 +101,16 @@ def calibration_windows(cal: CalibrationSet, ev: EvalSet, model_dir: Path) -> np
     from the eval set `ev` (see the module docstring)."""
     tokens = tokenize(load_eval_text(cal), model_dir)  # type: ignore[arg-type]
     return calibration_token_windows(tokens, cal, ev if same_text(cal, ev) else None)
+
+
+def write_calibration_windows(
+    *, calibration: CalibrationSet, eval_set: EvalSet, original: Path, out: Path
+) -> np.ndarray:
+    """The calibration stage: the calibration windows (`calibration_windows`) written to
+    `out` (tierquant.quality.windows). measure reads them from there, so a change of the
+    eval set that leaves these windows as they were (calibration on another text, or
+    the same windows) changes no byte measure depends on."""
+    tokens = calibration_windows(calibration, eval_set, Path(original))
+    write_windows(Path(out), tokens)
+    log.info("wrote %s: %d calibration windows × %d tokens", out, *tokens.shape)
+    return tokens

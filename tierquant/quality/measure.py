@@ -284,32 +284,32 @@ def heatmap_csv(groups: dict[str, dict[str, Any]]) -> str:
 def measure(
     *,
     original: Path,
-    calibration,
-    eval_config,
+    windows: Path,
     candidates: Sequence[object],
     group_size: int,
+    batch_size: int,
     out: Path,
     plot: Path,
 ) -> dict[str, Any]:
-    """The measure stage: calibration windows (disjoint from the eval set) → damage of every
-    group × candidate → `out/damage.json` and the heatmap CSV `plot`."""
+    """The measure stage: the calibration windows (`windows`, from the calibration stage)
+    → damage of every group × candidate → `out/damage.json` and the heatmap CSV `plot`."""
     import mlx.core as mx
 
     from tierquant.core.gptoss import shape_of_checkpoint
     from tierquant.core.precision import parse_candidates
-    from tierquant.quality.calibration import calibration_windows
     from tierquant.quality.damage import allocation_groups
     from tierquant.quality.stream import compute_dtype
+    from tierquant.quality.windows import read_windows
 
     precisions = parse_candidates(candidates, group_size)
-    tokens = calibration_windows(calibration, eval_config, Path(original))
+    tokens = read_windows(Path(windows))
     log.info("calibration set: %d windows × %d tokens", *tokens.shape)
     mx.reset_peak_memory()
     damage = measure_damage(
         original_dir=Path(original),
         tokens=tokens,
         candidates=precisions,
-        batch_size=calibration.batch_size,
+        batch_size=batch_size,
     )
     groups, _ = allocation_groups(shape_of_checkpoint(Path(original)))
     report = {

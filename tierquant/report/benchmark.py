@@ -173,6 +173,47 @@ def check_contexts(model_dir: Path, cfg: BenchmarkSettings) -> tuple[GptOssShape
     return shape, limit
 
 
+def memory_available() -> tuple[int, str]:
+    """Bytes this machine can give a model now, and where the figure comes from: Metal's
+    recommended working set on a Mac, else the kernel's MemAvailable."""
+    import mlx.core as mx
+
+    if mx.metal.is_available():
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        return int(info["max_recommended_working_set_size"]), "Metal's recommended working set"
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "MemAvailable (/proc/meminfo)"
+    import os
+
+    pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(pages), "available physical pages (sysconf)"
+
+
+def memory_check(model_dir: Path, memory_model: MemoryModel) -> dict[str, Any]:
+    """Whether `model_dir`'s weights (their stored bytes: what loading makes resident)
+    plus `memory_model.overhead_gib` fit in what this machine can give it, from the
+    headers alone: checked before loading, so a model that cannot fit is reported
+    instead of swapping or being killed."""
+    with Checkpoint(Path(model_dir)) as ckpt:
+        resident = sum(info.nbytes for info in ckpt.tensors.values())
+    need = resident + memory_model.overhead_gib * GIB
+    available, source = memory_available()
+    fits = need <= available
+    return {
+        "resident_gib": round(resident / GIB, 3),
+        "overhead_gib": memory_model.overhead_gib,
+        "available_gib": round(available / GIB, 3),
+        "available_from": source,
+        "fits": fits,
+        "verdict": "fits"
+        if fits
+        else f"does not fit: {need / GIB:.1f} GiB > {available / GIB:.1f} GiB",
+    }
+
+
 def load_model(model_dir: Path) -> tuple[Any, Any, float]:
     """mlx_lm.load (weights evaluated) -> model, tokenizer, seconds; failures explained."""
     from mlx_lm import load
@@ -260,6 +301,10 @@ def run_benchmark(
     """Benchmark the model in `model_dir`: (metrics, plot rows). See the module doc."""
     model_dir = Path(model_dir)
     shape, _ = check_contexts(model_dir, cfg)
+    check = memory_check(model_dir, memory_model)
+    if not check["fits"]:
+        log.warning("%s: %s (%s); not loaded", model_dir, check["verdict"], check["available_from"])
+        return {"path": str(model_dir), "memory_check": check, "speed": {}}, []
     memory = PeakMemory()
     memory.reset()
     model, tokenizer, load_s = load_model(model_dir)
@@ -290,7 +335,8 @@ def run_benchmark(
         seconds=seconds,
         bandwidth=measure_read_bandwidth(cfg.probe_mib),
     )
-    return benchmark_report(model_dir, cfg, memory_model, machine, measured)
+    metrics, rows = benchmark_report(model_dir, cfg, memory_model, machine, measured)
+    return {**metrics, "memory_check": check}, rows
 
 
 def benchmark_report(

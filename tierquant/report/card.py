@@ -176,10 +176,22 @@ def _quality(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+def _does_not_fit(bench: dict[str, Any] | None) -> str | None:
+    """benchmark's "does not fit: X GiB > Y GiB" when the model was not loaded."""
+    check = (bench or {}).get("memory_check") or {}
+    return None if check.get("fits", True) else check.get("verdict")
+
+
 def _speed(model: dict[str, Any] | None, original: dict[str, Any] | None) -> dict | None:
     if model is None:
         return None
     original = original or {}
+    notes = [
+        f"{who}: {verdict} ({check}; not loaded)"
+        for who, bench in (("This model", model), ("The original", original))
+        if (verdict := _does_not_fit(bench))
+        for check in [bench["memory_check"].get("available_from", "")]
+    ]
     rows = []
     for context, m in model.get("speed", {}).items():
         o = original.get("speed", {}).get(context, {})
@@ -191,11 +203,12 @@ def _speed(model: dict[str, Any] | None, original: dict[str, Any] | None) -> dic
                 "generation": _num(m["generation_tps"]["median"], 1),
                 "generation_original": _num(o.get("generation_tps", {}).get("median"), 1),
                 "memory": _num(m.get("peak_memory_gib"), 3),
-                "memory_original": _num(o.get("peak_memory_gib"), 3),
+                "memory_original": _does_not_fit(original) or _num(o.get("peak_memory_gib"), 3),
             }
         )
     settings = model.get("settings", {})
     return {
+        "notes": notes,
         "rows": rows,
         "generate_tokens": settings.get("generate_tokens", "–"),
         "trials": settings.get("trials", "–"),
