@@ -1,5 +1,6 @@
 """recipe=auto under DVC: a budget change reruns plan and only the precision tiers whose
-tensors moved, never measure, convert or reference (a real `dvc exp run`)."""
+tensors moved, never measure or reference (a real `dvc exp run`); an eval change that keeps
+the calibration windows never reruns measure."""
 
 from __future__ import annotations
 
@@ -55,3 +56,28 @@ def test_budget_change_reruns_only_plan_and_moved_tiers(tmp_path):
     assert {s.split("@", 1)[1] for s in ran if s.startswith("quantize@")} == moved
     allocation = json.loads((repo / "data/plan/auto/allocation.json").read_text())
     assert 3.29 <= allocation["bits_per_weight"] <= 3.3
+
+
+def test_an_eval_change_that_keeps_the_calibration_windows_reruns_no_measure(tmp_path):
+    """measure depends on the calibration windows (data/calibration.npy), not on `eval`:
+    with calibration on the bundled corpus and the eval set on another text, a change of
+    the eval text reruns reference and the seconds-long calibration stage (same bytes),
+    never measure."""
+    from tierquant.quality.evalset import load_corpus
+
+    repo = copy_repo(tmp_path / "repo")
+    shrink_calibration(repo)
+    corpus = load_corpus()
+    texts = {"a": corpus[: len(corpus) // 2], "b": corpus[len(corpus) // 2 :]}
+    for name, text in texts.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+    base = ["-S", "recipe=auto", "-S", "budget.bits_per_weight=4.0"]
+    targets = ["measure@damage", "reference"]
+    first = run(["dvc", "exp", "run", *base, "-S", f"eval.path={tmp_path}/a.txt", *targets], repo)
+    assert {"calibration@damage", "measure@damage", "reference"} <= _ran(first.stdout)
+    windows = (repo / "data" / "calibration.npy").read_bytes()
+    second = run(["dvc", "exp", "run", *base, "-S", f"eval.path={tmp_path}/b.txt", *targets], repo)
+    ran = _ran(second.stdout)
+    assert {"calibration@damage", "reference"} <= ran
+    assert "measure@damage" not in ran, second.stdout
+    assert (repo / "data" / "calibration.npy").read_bytes() == windows
