@@ -231,17 +231,22 @@ def test_bandwidth_table_for_gpt_oss_120b(capsys):
 # --- a real benchmark run ----------------------------------------------------------------
 
 
-def test_benchmark_stage_on_the_tiny_original(tmp_path, tiny_original):
-    config = _config(tmp_path, tiny_original, **QUICK)
-    write_machine(Path(config.paths.machine))
-    out = bench.benchmark(
+def _benchmark_original(config, original: Path) -> Path:
+    """benchmark@original as the stage calls it, with `config`'s settings and paths."""
+    return bench.benchmark(
         variant="original",
-        model_dir=tiny_original,
+        model_dir=original,
         machine_path=Path(config.paths.machine),
         settings=config.benchmark,
         memory_model=config.memory,
         out_dir=Path(config.paths.benchmark),
     )
+
+
+def test_benchmark_stage_on_the_tiny_original(tmp_path, tiny_original):
+    config = _config(tmp_path, tiny_original, **QUICK)
+    write_machine(Path(config.paths.machine))
+    out = _benchmark_original(config, tiny_original)
     metrics = json.loads(out.read_text())
     assert metrics["variant"] == "original"
     assert set(metrics["speed"]) == {"64", "128"}
@@ -324,14 +329,7 @@ def test_a_model_that_cannot_fit_is_reported_not_loaded(tmp_path, tiny_original,
     monkeypatch.setattr(bench, "load_model", no_load)
     config = _config(tmp_path, tiny_original, **QUICK)
     write_machine(Path(config.paths.machine))
-    out = bench.benchmark(
-        variant="original",
-        model_dir=tiny_original,
-        machine_path=Path(config.paths.machine),
-        settings=config.benchmark,
-        memory_model=config.memory,
-        out_dir=Path(config.paths.benchmark),
-    )
+    out = _benchmark_original(config, tiny_original)
     metrics = json.loads(out.read_text())
     check = metrics["memory_check"]
     with Checkpoint(tiny_original) as ckpt:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -131,33 +130,30 @@ def check_integrity(
 
 
 def _module_problem(
-    model: Checkpoint,
-    source: FloatRows,
-    module: str,
-    entry: dict[str, Any],
-    precision: Precision,
-) -> str | None:
+    model: Checkpoint, src: FloatRows, module: str, entry: dict, p: Precision
+) -> str:
+    """What is wrong with `module` of the model at tier precision `p` ("" if nothing)."""
     if f"{module}.weight" not in model:
         return f"{module}.weight: missing from the model"
-    if entry["mode"] == "bf16" or not precision.quantized:
+    if entry["mode"] == "bf16" or not p.quantized:
         name = f"{module}.weight"
-        return None if _same_rows(model, source, name) else f"{name}: differs from its source"
-    if precision.mode == "mxfp4":
-        return _mxfp4_problem(model, source.original, source.weights[f"{module}.weight"])
+        return "" if _same_rows(model, src, name) else f"{name}: differs from its source"
+    if p.mode == "mxfp4":
+        return _mxfp4_problem(model, src.original, src.weights[f"{module}.weight"]) or ""
     if f"{module}.scales" not in model or f"{module}.biases" not in model:
         return f"{module}: not affine-quantized in the model (no scales/biases)"
     recorded = float(entry.get("rel_rmse") or 0.0)
     limit = ERROR_FACTOR * recorded + ERROR_FLOOR
     try:
-        errors = _affine_errors(model, source, module, precision.bits, precision.group_size)
+        errors = _affine_errors(model, src, module, p.bits, p.group_size)
     except ValueError as e:  # packed shapes that do not dequantize at these bits
-        return f"{module}.weight: does not dequantize at {precision.label} ({e})"
+        return f"{module}.weight: does not dequantize at {p.label} ({e})"
     worst = int(np.argmax(errors))
     if not errors[worst] <= limit or not math.isfinite(errors[worst]):
         where = f" (expert {worst})" if errors.size > 1 else ""
         return (
             f"{module}.weight{where}: relative error {errors[worst]:.4g} against its source "
             f"exceeds {limit:.4g} ({ERROR_FACTOR:g} x the {recorded:.4g} recorded at "
-            f"quantization + {ERROR_FLOOR:g}) at {precision.label}"
+            f"quantization + {ERROR_FLOOR:g}) at {p.label}"
         )
-    return None
+    return ""
