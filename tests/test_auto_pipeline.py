@@ -57,6 +57,15 @@ def test_budget_change_reruns_only_plan_and_moved_tiers(tmp_path):
     allocation = json.loads((repo / "data/plan/auto/allocation.json").read_text())
     assert 3.29 <= allocation["bits_per_weight"] <= 3.3
 
+    # an edit of the knapsack changes the measured plan, never measure (its deps are its
+    # imports: tests/test_code_deps.py)
+    knapsack = repo / "tierquant" / "plan" / "allocate.py"
+    knapsack.write_text(knapsack.read_text() + "\n# an edit\n")
+    status = run(["dvc", "status"], repo).stdout
+    changed = {line[:-1] for line in status.splitlines() if line.endswith(":")}
+    assert "allocate@damage" in changed, status
+    assert not changed & {"measure@damage", "calibration@damage", "reference"}, status
+
 
 def test_an_eval_change_that_keeps_the_calibration_windows_reruns_no_measure(tmp_path):
     """measure depends on the calibration windows (data/calibration.npy), not on `eval`:
