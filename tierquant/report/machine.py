@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tierquant.core.files import atomic_output, json_bytes
+from tierquant.plan.size import GIB
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu or platform.processor() or "unknown",
         "cpu_count": os.cpu_count(),
         "usable_cpus": usable,
-        "memory_gib": round(memory / 2**30) if memory else None,
+        "memory_gib": round(memory / GIB) if memory else None,
         "python": platform.python_version(),
         "mlx": version("mlx"),
         "mlx_lm": version("mlx-lm"),
