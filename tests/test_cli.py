@@ -116,8 +116,17 @@ def test_headline_keys():
         "speed": {
             "256": {"generation_tps": {"median": 1.0}, "prefill_tps": {"median": 2}},
             "64": {"generation_tps": {"median": 14.04}, "prefill_tps": {"median": 23.77}},
-        }
+        },
+        "memory": {"peak_gib": 0.00634},
     }
-    assert speed_headline(bench, "model") == {"gen_tok_s": 14.04, "prefill_tok_s": 23.77}
-    assert set(speed_headline(bench, "original")) == {"orig_gen_tok_s", "orig_prefill_tok_s"}
+    assert speed_headline(bench, "model") == {
+        "gen_tok_s": 14.04,
+        "prefill_tok_s": 23.77,
+        "peak_memory_gib": 0.0063,
+    }
+    assert set(speed_headline(bench, "original")) == {
+        "orig_gen_tok_s",
+        "orig_prefill_tok_s",
+        "orig_peak_memory_gib",
+    }
     assert set(quality_headline(validate)) | set(speed_headline(bench, "model")) == set(COLUMNS)
