@@ -36,4 +36,4 @@ if __name__ == "__main__":
             bench_path=results, variant=variant, headline_dir=Path(config.paths.headline)
         )
 
-    stage_main(run)()
+    stage_main(run, positional=f"{{{'|'.join(VARIANTS)}}}")()

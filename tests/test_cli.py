@@ -33,7 +33,8 @@ def test_console_script_help_lists_stages_and_cache_verify():
 @pytest.mark.parametrize("stage", ["benchmark", "quantize", "validate"])
 def test_every_stage_help_works(stage):
     proc = run([PYTHON, "-m", "tierquant.cli", stage, "--help"], REPO)
-    assert proc.stdout.startswith("usage: python stages/") and not proc.stderr
+    assert proc.stdout.startswith(f"usage: tierquant {stage} ") and not proc.stderr
+    assert f"   or: python stages/{stage}.py" in proc.stdout
 
 
 def test_a_bad_param_prints_one_error_line_once():
