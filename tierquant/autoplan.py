@@ -20,6 +20,7 @@ from typing import Any
 
 from .allocate import AUTO_TIERS, Group, allocate, allocation_groups, read_damage, tier_name
 from .budget import resolve_budget
+from .budgettext import budget_text
 from .config import BenchmarkConfig, BudgetConfig
 from .errors import TierquantError
 from .files import json_bytes, read_json
@@ -125,10 +126,10 @@ def auto_plan(
             "%-28s %-11s %12d B  damage %.4g", name, row["precision"], row["bytes"], row["damage"]
         )
     log.info(
-        "wrote %s: recipe auto, %s, %d bytes (%.4f bits/weight), slack %d bytes, "
+        "wrote %s: recipe auto, budget %s, %d bytes (%.4f bits/weight), slack %d bytes, "
         "predicted damage %.4g",
         out,
-        b.spec,
+        budget_text(b.spec),
         total_bytes,
         report["bits_per_weight"],
         report["slack_bytes"],
