@@ -40,6 +40,7 @@ from .gptoss import (
     mlx_weights,
     mxfp4_source,
     shape_of_checkpoint,
+    verify_original,
 )
 from .mxfp4 import GROUP_SIZE as MXFP4_GROUP
 from .mxfp4 import NAN_SCALE
@@ -107,7 +108,10 @@ def quantize_tier(
     )
     streams = slice_streams()
     with (
-        Checkpoint(original_dir) as original,
+        # headers against config.json, as convert and plan check them (a wrong
+        # num_local_experts is named as such, not found later as a short read of a
+        # tensor); headers and side files only, no tensor data
+        verify_original(original_dir) as original,
         atomic_output(out_dir) as tmp,
         ShardedWriter(
             tmp,
