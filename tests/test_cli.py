@@ -33,7 +33,8 @@ def test_console_script_help_lists_stages_and_cache_verify():
 @pytest.mark.parametrize("stage", ["benchmark", "quantize", "validate"])
 def test_every_stage_help_works(stage):
     proc = run([PYTHON, "-m", "tierquant.cli", stage, "--help"], REPO)
-    assert proc.stdout.startswith("usage: python stages/") and not proc.stderr
+    assert proc.stdout.startswith(f"usage: tierquant {stage} ") and not proc.stderr
+    assert f"   or: python stages/{stage}.py" in proc.stdout
 
 
 def test_a_bad_param_prints_one_error_line_once():
@@ -116,8 +117,17 @@ def test_headline_keys():
         "speed": {
             "256": {"generation_tps": {"median": 1.0}, "prefill_tps": {"median": 2}},
             "64": {"generation_tps": {"median": 14.04}, "prefill_tps": {"median": 23.77}},
-        }
+        },
+        "memory": {"peak_gib": 0.00634},
     }
-    assert speed_headline(bench, "model") == {"gen_tok_s": 14.04, "prefill_tok_s": 23.77}
-    assert set(speed_headline(bench, "original")) == {"orig_gen_tok_s", "orig_prefill_tok_s"}
+    assert speed_headline(bench, "model") == {
+        "gen_tok_s": 14.04,
+        "prefill_tok_s": 23.77,
+        "peak_memory_gib": 0.0063,
+    }
+    assert set(speed_headline(bench, "original")) == {
+        "orig_gen_tok_s",
+        "orig_prefill_tok_s",
+        "orig_peak_memory_gib",
+    }
     assert set(quality_headline(validate)) | set(speed_headline(bench, "model")) == set(COLUMNS)

@@ -76,7 +76,8 @@ def test_stage_leaves_no_hydra_outputs(tmp_path):
 def test_stage_help_says_what_the_stage_does():
     proc = run_stage("quantize", "--help")
     assert proc.returncode == 0, proc.stderr
-    assert "usage: python stages/quantize.py tier=<tier>" in proc.stdout
+    assert "usage: tierquant quantize tier=<tier>" in proc.stdout
+    assert "or: python stages/quantize.py tier=<tier>" in proc.stdout
     assert "data/quantized/<tier>" in proc.stdout  # the stage script's own docstring
 
 

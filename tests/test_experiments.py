@@ -14,14 +14,25 @@ from tests.conftest import PYTHON, REPO, copy_repo, run
 pytestmark = pytest.mark.slow
 
 HEADLINE = ("passed", "bpw", "GiB", "kld_mean", "top1", "gen_tok_s", "prefill_tok_s")
+# Noise a normal run must not print: transformers' advice when mlx-lm imports it (no
+# PyTorch here, none needed), and DVC's checkout of outputs it has no hash for.
+NOISE = ("PyTorch was not found", "No file hash info found")
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """One repo copy after `dvc repro`; the tests below run in order on it."""
     repo = copy_repo(tmp_path_factory.mktemp("exp") / "repo")
-    run(["dvc", "repro"], repo)
+    proc = run(["dvc", "repro"], repo)
+    (repo.parent / "repro.log").write_text(proc.stdout + proc.stderr)
     return repo
+
+
+def test_a_default_repro_prints_no_noise(repo):
+    log = (repo.parent / "repro.log").read_text()
+    assert "Running stage 'measure'" in log and "Running stage 'reference'" in log
+    for noise in NOISE:
+        assert noise not in log, noise
 
 
 def _headline(repo) -> dict:
@@ -96,10 +107,57 @@ def _documented_exp_runs() -> list[list[str]]:
 def test_every_documented_exp_run_passes(repo):
     commands = _documented_exp_runs()
     assert ["exp", "run", "-S", "tiers.experts=4"] in commands and len(commands) >= 4
+    logs = {}
     for cmd in commands:
         proc = run(["dvc", *cmd], repo, check=False)
         assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-2000:])
         assert _headline(repo)["passed"] is True, cmd
+        assert NOISE[0] not in proc.stdout + proc.stderr, cmd
+        logs[" ".join(cmd)] = proc.stdout + proc.stderr
+    (repo.parent / "exp_runs.json").write_text(json.dumps(logs))
+
+
+# The README's experiments (test above), as `tierquant compare` names them.
+COMPARE_NAMES = (
+    "experts=4",
+    "experts=mxfp4",
+    "mixed_3_6",
+    "mixed_3_6 router=8",
+    "auto 4.0 bpw",
+    "auto 40 GiB",
+    "auto fit 64 GiB@32768",
+    "auto 4.0 bpw router=8",
+)
+
+
+def test_compare_names_each_experiment_at_120_columns(repo):
+    proc = run([PYTHON, "-m", "tierquant.cli", "compare"], repo, env={"COLUMNS": "120"})
+    lines = proc.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 120, proc.stdout
+    header = lines[0].split()
+    for column in (*HEADLINE, "peak_memory_gib", "name", "experiment"):
+        assert column in header, (column, lines[0])
+    names = [line.split("  ")[0].strip() for line in lines[1:-1]]
+    assert set(COMPARE_NAMES) <= set(names), proc.stdout
+    row = lines[1 + names.index("experts=4")].split()
+    assert row[-2] == "yes" and all(re.fullmatch(r"[0-9.]+", v) for v in row[2:-2]), row
+    assert lines[-1].startswith("original (")
+    csv = run([PYTHON, "-m", "tierquant.cli", "compare", "--csv", "--wide"], repo).stdout
+    assert csv.splitlines()[0].endswith(",tiers,budget") and "auto fit 64 GiB@32768," in csv
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="DVC 3.67's `dvc exp run` starts with a checkout of every output "
+    "(repo/experiments/executor/base.py, allow_missing=True), and dvc_data warns for each "
+    "output dvc.lock has no hash for: the quantize@<tier> stages a new recipe defines "
+    "(recipe=auto's 8 tiers after a hand recipe). Harmless; nothing in dvc.yaml or the "
+    "config turns it off.",
+)
+def test_a_new_recipe_s_first_experiment_prints_no_hash_warnings(repo):
+    logs = json.loads((repo.parent / "exp_runs.json").read_text())
+    first_auto = next(log for cmd, log in logs.items() if "recipe=auto" in cmd)
+    assert NOISE[1] not in first_auto
 
 
 def test_a_failed_experiment_leaves_nothing_that_lies(repo):

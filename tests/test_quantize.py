@@ -305,3 +305,27 @@ def test_sliced_quantize_on_several_streams_equals_whole_tensor(
                 rel_rmse = np.sqrt(err_sq / ref_sq)
                 assert 0 < rel_rmse < 0.2
                 assert manifest["modules"][module]["rel_rmse"] == pytest.approx(rel_rmse, rel=1e-5)
+
+
+def test_a_config_that_disagrees_with_the_tensors_is_named(tiny_original, tmp_path):
+    """A wrong num_local_experts in config.json: quantize names config.json (as convert
+    and plan do, through gptoss.verify_original), not a short read of a tensor."""
+    import shutil
+
+    original = tmp_path / "original"
+    shutil.copytree(tiny_original, original)
+    config = json.loads((original / "config.json").read_text())
+    config["num_local_experts"] = 16
+    (original / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "experts"
+    with pytest.raises(TierquantError, match="config.json implies") as e:
+        quantize_tier(
+            tier="experts",
+            tensor_names=["model.layers.0.mlp.experts.gate_proj.weight"],
+            precision=parse_precision(3, "tiers.experts"),
+            original_dir=original,
+            out_dir=out,
+            max_shard_bytes=10**6,
+        )
+    assert "short read" not in str(e.value)
+    assert not out.exists()

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 from tierquant.errors import TierquantError
+from tierquant.report.compare import DESCRIPTION as COMPARE_DESCRIPTION
+from tierquant.report.compare import add_arguments as add_compare_arguments
 
 # The stages in pipeline order (dvc.yaml), with what each does; tests keep this list
 # equal to stages/*.py.
@@ -44,13 +46,14 @@ The stages above are the pipeline's, in order: `dvc repro` runs those the recipe
 maintenance:
   cache verify         rehash every DVC cache object, evict the corrupt ones (and the
                        outputs linked to them) so the next `dvc repro` rebuilds them
-  compare [args]       `dvc exp show` with the headline metrics and the tiers only
-                       (extra args go to dvc, e.g. --no-pager, --csv, -n 5)
+  compare [options]    one row per experiment (and the workspace, main): what it
+                       changed (`experts=4`, `auto 3.3 bpw`), bits/weight, GiB, KLD,
+                       top-1, tok/s, peak memory, passed; --wide, --sort KEY, --csv, --md
   sweep [args]         gather every experiment's (bits/weight, kld_mean, top-1) from
                        `dvc exp show --json` into metrics/sweep.json, which the card
                        reads to place its model on the curve (extra args go to dvc)
 
-Run inside a tierquant checkout. Compare experiments with `dvc exp show`.
+Run inside a tierquant checkout. Compare experiments with `tierquant compare`.
 """
 
 
@@ -78,13 +81,14 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     verify.add_argument("--no-evict", action="store_true", help="report only, delete nothing")
-    compare = sub.add_parser(
-        "compare",
-        help="dvc exp show: headline metrics + tiers only",
-        description="`dvc exp show` keeping only the headline metrics (tierquant.report.headline) "
-        "and what experiments change (model, recipe, tiers, group size).",
+    add_compare_arguments(
+        sub.add_parser(
+            "compare",
+            help="experiments side by side: what each changed, the headline metrics",
+            description=COMPARE_DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
     )
-    compare.add_argument("args", nargs=argparse.REMAINDER, help="passed on to dvc exp show")
     sweep = sub.add_parser(
         "sweep",
         help="experiments' quality vs size -> metrics/sweep.json (the card's curve)",
@@ -128,14 +132,13 @@ def cache_verify(repo: Path | None, evict: bool) -> int:
     return 0
 
 
-def compare(extra: list[str]) -> int:
-    """Run `dvc exp show` with tierquant.report.headline.compare_args() (+ `extra`)."""
-    import shutil
+def compare(args: argparse.Namespace) -> int:
+    """Print tierquant.compare's table for the checkout holding the current folder."""
+    from tierquant.config import project_root
+    from tierquant.report.compare import from_args
 
-    from tierquant.report.headline import compare_args
-
-    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
-    return subprocess.run([dvc, "exp", "show", *compare_args(), *extra]).returncode
+    print(from_args(args, root=project_root()))
+    return 0
 
 
 def sweep(extra: list[str]) -> int:
@@ -175,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in dict(STAGES):  # everything after the name is the stage's
             return run_stage(argv[0], argv[1:])
-        if argv and argv[0] == "compare" and not {"-h", "--help"} & set(argv[1:]):
-            return compare(argv[1:])  # everything after it is dvc's
         if argv and argv[0] == "sweep" and not {"-h", "--help"} & set(argv[1:]):
             return sweep(argv[1:])
         args = parser.parse_args(argv)
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.parse_args(["cache", "--help"])
             return cache_verify(args.repo, evict=not args.no_evict)
         if args.command == "compare":
-            return compare(args.args)
+            return compare(args)
         return run_stage(args.command, args.args)  # pragma: no cover (handled above)
     except TierquantError as e:
         for line in str(e).splitlines():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -32,13 +33,23 @@ QUIET_HYDRA = (
 
 log = logging.getLogger("tierquant")
 
+# mlx-lm imports transformers, whose import logs "PyTorch was not found. Models won't be
+# available ..." through `logger.warning_advice` (transformers/__init__.py): advice, not a
+# problem (MLX is the backend here). TRANSFORMERS_NO_ADVISORY_WARNINGS silences exactly
+# that kind of message, nothing else. Set before any stage imports mlx-lm (all its imports
+# are inside functions), and only if the caller has not chosen.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-def stage_main(run: Callable[..., object], stage_args: tuple[str, ...] = ()) -> Callable[[], None]:
+
+def stage_main(
+    run: Callable[..., object], stage_args: tuple[str, ...] = (), positional: str = ""
+) -> Callable[[], None]:
     """Wrap `run(config, **stage_args)` as a Hydra command line reading params.yaml.
 
     `stage_args` are per-stage arguments that are not params (e.g. the `tier=experts`
     that dvc.yaml's foreach gives each quantize stage): taken off the command line
-    before Hydra sees it, and required.
+    before Hydra sees it, and required. `positional` is what the usage line shows for a
+    positional argument the script takes off itself (benchmark's `{model|original}`).
     """
 
     def main() -> None:
@@ -46,7 +57,7 @@ def stage_main(run: Callable[..., object], stage_args: tuple[str, ...] = ()) -> 
         from omegaconf import DictConfig
 
         if any(a in ("-h", "--help") for a in sys.argv[1:]):
-            _print_help(run, stage_args)
+            _print_help(run, stage_args, positional)
             return
         kwargs: dict[str, str] = {}
         for name in stage_args:
@@ -99,13 +110,17 @@ def fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
-def _print_help(run: Callable[..., object], stage_args: tuple[str, ...]) -> None:
+def _print_help(
+    run: Callable[..., object], stage_args: tuple[str, ...], positional: str = ""
+) -> None:
     """What the stage does and how to call it (Hydra's own --help lists only its groups)."""
     import __main__
 
     script = Path(sys.argv[0]).name
-    args = "".join(f" {name}=<{name}>" for name in stage_args)
-    print(f"usage: python stages/{script}{args} [key=value ...]\n")
+    args = f" {positional}" if positional else ""
+    args += "".join(f" {name}=<{name}>" for name in stage_args)
+    print(f"usage: tierquant {Path(script).stem}{args} [key=value ...]")
+    print(f"   or: python stages/{script}{args} [key=value ...]\n")
     for doc in (getattr(__main__, "__doc__", None), run.__doc__):
         if doc:
             print(doc.strip() + "\n")

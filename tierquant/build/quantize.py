@@ -25,7 +25,13 @@ from tierquant.core.affine import Rows, checkpoint_rows, expert_rows, quantize_s
 from tierquant.core.checkpoint import Checkpoint, ShardedWriter
 from tierquant.core.files import atomic_output, json_bytes
 from tierquant.core.floatrows import iter_float_rows, mxfp4_source
-from tierquant.core.gptoss import EXPERT_KINDS, Weight, mlx_weights, shape_of_checkpoint
+from tierquant.core.gptoss import (
+    EXPERT_KINDS,
+    Weight,
+    mlx_weights,
+    shape_of_checkpoint,
+    verify_original,
+)
 from tierquant.core.mxfp4 import NAN_SCALE
 from tierquant.core.parallel import ops_queue_capped, slice_streams
 from tierquant.core.precision import Precision, check_quantizable
@@ -70,7 +76,10 @@ def quantize_tier(
     )
     streams = slice_streams()
     with (
-        Checkpoint(original_dir) as original,
+        # headers against config.json, as convert and plan check them (a wrong
+        # num_local_experts is named as such, not found later as a short read of a
+        # tensor); headers and side files only, no tensor data
+        verify_original(original_dir) as original,
         atomic_output(out_dir) as tmp,
         ShardedWriter(
             tmp,

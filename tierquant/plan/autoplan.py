@@ -25,6 +25,7 @@ from tierquant.errors import TierquantError
 from tierquant.plan.allocate import allocate
 from tierquant.plan.autotiers import AUTO_TIERS, router_precision, tier_name
 from tierquant.plan.budget import BudgetRequest, resolve_budget
+from tierquant.plan.budgettext import budget_text
 from tierquant.plan.footprint import MemoryModel
 from tierquant.plan.planfile import ALLOCATION, log_plan, write_plan
 from tierquant.quality.damage import Group, allocation_groups, read_damage
@@ -119,10 +120,10 @@ def auto_plan(
             "%-28s %-11s %12d B  damage %.4g", name, row["precision"], row["bytes"], row["damage"]
         )
     log.info(
-        "wrote %s: recipe auto, %s, %d bytes (%.4f bits/weight), slack %d bytes, "
+        "wrote %s: recipe auto, budget %s, %d bytes (%.4f bits/weight), slack %d bytes, "
         "predicted damage %.4g",
         out,
-        b.spec,
+        budget_text(b.spec),
         total_bytes,
         report["bits_per_weight"],
         report["slack_bytes"],

@@ -15,6 +15,7 @@ from fractions import Fraction
 from typing import Any
 
 from tierquant.core.precision import Precision, check_quantizable
+from tierquant.plan.budgettext import budget_text
 
 GIB = 1 << 30  # bytes in a GiB: the one definition
 
@@ -81,6 +82,9 @@ def format_table(report: Mapping[str, Any]) -> list[str]:
     )
     lines = [head, "-" * len(head)]
     for tier, r in report["tiers"].items():
+        if not r["params"]:  # recipe=auto's tiers are fixed; the plan may leave one empty
+            lines.append(f"{tier:<12} {r['precision']:<11} {'empty: no tensors':>16}")
+            continue
         lines.append(
             f"{tier:<12} {r['precision']:<11} {r['params']:>16,} {r['params_pct']:>7.2f} "
             f"{r['bytes']:>16,} {r['gib']:>8.3f} {r['bits_per_weight']:>7.3f}"
@@ -97,9 +101,8 @@ def format_table(report: Mapping[str, Any]) -> list[str]:
     )
     if "budget" in report:
         b = report["budget"]
-        asked = {k: v for k, v in b.items() if k in ("bits_per_weight", "gib", "fit")}
         lines.append(
-            f"budget {asked}: at most {b['max_bytes']:,} bytes ({b['max_gib']:.3f} GiB), "
+            f"budget {budget_text(b)}: at most {b['max_bytes']:,} bytes ({b['max_gib']:.3f} GiB), "
             f"slack {b['slack_bytes']:,} bytes; predicted damage {b['predicted_damage']:.4g}"
         )
     return lines

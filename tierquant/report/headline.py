@@ -10,8 +10,9 @@ data/benchmark/*.json), which are outputs, not metrics.
 - `quality.json` is written by the validate stage, also when the gate fails (so a failed
   experiment shows `passed: false` beside its figures); when validate could not measure,
   the measured keys are absent and `passed` is false.
-- `<variant>.json` is written by benchmark@<variant>: `gen_tok_s`/`prefill_tok_s` for the
-  model, `orig_gen_tok_s`/`orig_prefill_tok_s` for the original (distinct names, so the
+- `<variant>.json` is written by benchmark@<variant>: `gen_tok_s`/`prefill_tok_s` and
+  `peak_memory_gib` (the peak over every context) for the model, `orig_gen_tok_s`,
+  `orig_prefill_tok_s`, `orig_peak_memory_gib` for the original (distinct names, so the
   table needs no file prefixes).
 """
 
@@ -26,22 +27,10 @@ from tierquant.plan.size import GIB
 QUALITY_FILE = "quality.json"
 SPEED_PREFIX = {"model": "", "original": "orig_"}
 QUALITY_KEYS = ("passed", "bpw", "GiB", "kld_mean", "top1")
-SPEED_KEYS = ("gen_tok_s", "prefill_tok_s")  # prefixed by SPEED_PREFIX[variant]
-# The headline columns of an experiment, in order (what `tierquant compare` keeps).
+# prefixed by SPEED_PREFIX[variant]
+SPEED_KEYS = ("gen_tok_s", "prefill_tok_s", "peak_memory_gib")
+# The headline columns of an experiment, in order (what `tierquant compare` shows).
 COLUMNS = (*QUALITY_KEYS, *SPEED_KEYS)
-# What an experiment changes, shown after the headline by `tierquant compare`.
-KNOBS = (r"recipe\.name", r"tiers\..*", r"quant\.group_size")
-
-
-def compare_args() -> list[str]:
-    """`dvc exp show` arguments that keep the headline and the knobs, drop the rest.
-
-    Plain `dvc exp show` lists every key of params.yaml (all of conf/, ~100) and every
-    dependency (~50) as columns; rich spends a separator per column, so below ~200
-    columns of terminal it collapses even the metrics into `…`.
-    """
-    keep = "|".join(["Experiment", "Created", *COLUMNS, *KNOBS])
-    return ["--drop", ".*", "--keep", f"^({keep})$"]
 
 
 def quality_headline(validate_metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -62,17 +51,22 @@ def quality_headline(validate_metrics: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def speed_headline(bench_metrics: dict[str, Any], variant: str) -> dict[str, Any]:
-    """Generation and prefill tok/s (medians) at the first benchmark context."""
+    """Generation and prefill tok/s (medians) at the first benchmark context, and the
+    peak memory over every context (bench.py's `memory.peak_gib`)."""
     prefix = SPEED_PREFIX[variant]
     speed = bench_metrics.get("speed") or {}
     if not speed:
         return {}
     first = speed[min(speed, key=int)]
-    gen_tok_s, prefill_tok_s = SPEED_KEYS
-    return {
+    gen_tok_s, prefill_tok_s, peak_memory_gib = SPEED_KEYS
+    out = {
         prefix + gen_tok_s: round(float(first["generation_tps"]["median"]), 2),
         prefix + prefill_tok_s: round(float(first["prefill_tps"]["median"]), 2),
     }
+    peak = (bench_metrics.get("memory") or {}).get("peak_gib")
+    if peak is not None:
+        out[prefix + peak_memory_gib] = round(float(peak), 4)
+    return out
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:

@@ -3,8 +3,8 @@ experiments: `metrics/pareto.json` = [{recipe, budget, bits_per_weight, kld_mean
 top1_agreement}] from validate's metrics (a one-row list: what DVC's plots read).
 
 The sweep (README, "Measured allocation"): queue budgets and the hand recipes with
-`dvc exp run --queue`, run `dvc queue start`, then
-`dvc plots diff $(dvc exp list --name-only)` draws one point per experiment, and
+`dvc exp run --queue`, run `dvc queue start`, then `dvc plots diff $(dvc exp list
+--name-only) --targets pareto_kld pareto_top1` draws one point per experiment, and
 `tierquant sweep` gathers every experiment's point (from `dvc exp show --json`) into
 `metrics/sweep.json`, which the card reads to say where its model sits on the curve.
 """
