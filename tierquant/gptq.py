@@ -33,10 +33,13 @@ in float32 arithmetic:
     Packing: each row's codes as one little-endian bit stream, `bits` bits per code, read
     as uint32 words: 8 codes per 3 bytes at 3 bits, per 5 bytes at 5, 4 codes per 3 bytes
     at 6; shape (out, in·bits/32).
-mx.quantize computes the codes against the float32 s and b, not the bf16 ones it stores
-(up to 0.5% of 4-bit codes and 20% of 8-bit ones are then not the nearest stored level).
-`codes="stored"` (the default) rounds against the stored s and b instead; `codes="mlx"`
-reproduces mx.quantize's choice, so that with H = I the bytes are mx.quantize's.
+mx.quantize computes the codes against the float32 s and b, not the bf16 ones it stores,
+and the bf16 rounding of s·code and of the sum makes the stored levels uneven: up to 0.5%
+of 4-bit codes and 20% of 8-bit ones are then not the nearest stored value. `codes=
+"stored"` (the default) picks the code whose stored value (as mx.dequantize gives it) is
+nearest among rint((w − b) / s) ± 1 with the stored s and b (the rounded quotient on
+ties, then the lower code); `codes="mlx"` reproduces mx.quantize's choice, so that with
+H = I the bytes are mx.quantize's.
 """
 
 from __future__ import annotations
@@ -269,6 +272,7 @@ class _Group:
         self.scale_bits, self.bias_bits = to_bf16_bits(scale), to_bf16_bits(bias)
         stored = from_bf16_bits(self.scale_bits), from_bf16_bits(self.bias_bits)
         self.against = stored if codes == "stored" else (scale, bias)
+        self.nearest = codes == "stored"
         self.bits = bits
         rows = values.shape[1]
         levels = np.arange(2**bits, dtype=np.float32)[:, None]
@@ -277,9 +281,23 @@ class _Group:
 
     def quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(codes as uint8, their stored values as float32) of one column `w`."""
-        q = round_codes(w, *self.against, self.bits).astype(np.uint8)
-        index = q.astype(np.intp) * self.row.size + self.row
-        return q, self.table[index]
+        q = round_codes(w, *self.against, self.bits).astype(np.intp)
+        if self.nearest:
+            q = self._nearest(w, q)
+        return q.astype(np.uint8), self.table[q * self.row.size + self.row]
+
+    def _nearest(self, w: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """Of codes q − 1, q, q + 1, the one whose stored value is nearest to `w` (q on
+        ties): bf16 rounding of s·q and of the sum makes the levels uneven, so the
+        rounded quotient is not always the nearest."""
+        top = 2**self.bits - 1
+        best, best_d = q, np.abs(w - self.table[q * self.row.size + self.row])
+        for step in (-1, 1):
+            c = np.clip(q + step, 0, top)
+            d = np.abs(w - self.table[c * self.row.size + self.row])
+            closer = d < best_d
+            best, best_d = np.where(closer, c, best), np.where(closer, d, best_d)
+        return best
 
 
 def _sweep(
@@ -333,9 +351,9 @@ def gptq_quantize(
     (packed uint32 (out, in·bits/32), scales, biases (out, in/group_size) as bf16 bits),
     the shapes and packing mx.quantize returns.
 
-    `codes`: round against the stored bf16 scale and bias ("stored") or as mx.quantize
-    does, against the float32 ones ("mlx"); `dtype`: the working precision of the sweep
-    (float64 for tests); the factor U is always computed in float64."""
+    `codes`: the code whose stored value is nearest ("stored") or mx.quantize's rounding
+    against the float32 scale and bias ("mlx"), see the module docstring; `dtype`: the
+    working precision of the sweep (float64 for tests); U is always computed in float64."""
     weight = np.asarray(weight)
     hessian = np.asarray(hessian)
     check_inputs(weight, hessian, bits, group_size, damp, block_size)
