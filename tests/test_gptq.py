@@ -249,7 +249,7 @@ def test_inverse_hessian_factor_is_upper_cholesky_of_damped_inverse():
     x = rng.standard_normal((700, 600))
     h = x.T @ x
     h[7, :] = h[:, 7] = 0.0  # a dead input
-    u = gptq.inverse_hessian_factor(h, damp=0.05)  # 600 > TRI_BASE: the block recursion
+    u = gptq.inverse_hessian_factor(h, damp=0.05)  # 600 > CHOL_BASE: the block recursion
     assert np.array_equal(u, np.triu(u)) and (np.diag(u) > 0).all()
     damped = h.copy()
     damped[7, 7] = 1.0
