@@ -92,21 +92,21 @@ def objective_of(w: np.ndarray, h: np.ndarray, parts: tuple, bits: int) -> float
 def run_ours(w: np.ndarray, h: np.ndarray, bits: int) -> dict:
     from tierquant.gptq import gptq_quantize
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     parts = gptq_quantize(w, h, bits=bits, group_size=GROUP)
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "objective": objective_of(w, h, parts, bits)}
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu": cpu, "objective": objective_of(w, h, parts, bits)}
 
 
 def run_rtn(w: np.ndarray, h: np.ndarray, bits: int) -> dict:
     import mlx.core as mx
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     q, s, b = mx.quantize(mx.array(w).astype(mx.bfloat16), group_size=GROUP, bits=bits)
     mx.eval(q, s, b)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     parts = (np.array(q), np.array(s.view(mx.uint16)), np.array(b.view(mx.uint16)))
-    return {"seconds": seconds, "objective": objective_of(w, h, parts, bits)}
+    return {"seconds": seconds, "cpu": cpu, "objective": objective_of(w, h, parts, bits)}
 
 
 def run_mlx_lm(w: np.ndarray, h: np.ndarray, bits: int) -> dict:
@@ -134,17 +134,17 @@ def run_mlx_lm(w: np.ndarray, h: np.ndarray, bits: int) -> dict:
     model.proj.weight = mx.array(w).astype(mx.bfloat16)
     mx.eval(model.parameters())
     mlx_gptq.Catcher = GivenHessian  # what its Hessian pass would have accumulated
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model, _ = mlx_gptq.gptq_quantize(model, [], bits, GROUP, bits, GROUP)
     layer = model.proj
     mx.eval(layer.parameters())
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     parts = (
         np.array(layer.weight),
         np.array(layer.scales.view(mx.uint16)),
         np.array(layer.biases.view(mx.uint16)),
     )
-    return {"seconds": seconds, "objective": objective_of(w, h, parts, bits)}
+    return {"seconds": seconds, "cpu": cpu, "objective": objective_of(w, h, parts, bits)}
 
 
 def worker(method: str, shape: str, bits: int, seed: int) -> None:
@@ -181,8 +181,9 @@ def bench(shapes: list[str], bits_list: list[int], skip_mlx_lm: bool, threads: i
     print(f"workers' OPENBLAS_NUM_THREADS: {threads or 'unset (one per core)'}")
     print(f"group size {GROUP}; codes='stored'; objective tr((W−Ŵ)H(W−Ŵ)ᵀ) relative to RTN")
     head = (
-        f"{'matrix':>8} {'shape':>11} {'bits':>4} {'method':>7} {'time s':>7} {'GFLOP':>6} "
-        f"{'GFLOP/s':>7} {'/GEMM32':>7} {'peak RSS':>9} {'objective':>10} {'vs RTN':>6}"
+        f"{'matrix':>8} {'shape':>11} {'bits':>4} {'method':>7} {'time s':>7} {'CPU s':>6} "
+        f"{'GFLOP':>6} {'GFLOP/s':>7} {'/GEMM32':>7} {'peak RSS':>9} {'objective':>10} "
+        f"{'vs RTN':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -200,7 +201,8 @@ def bench(shapes: list[str], bits_list: list[int], skip_mlx_lm: bool, threads: i
                 share = f"{flops / r['seconds'] / rate32:7.2f}" if m != "rtn" else f"{'':7}"
                 print(
                     f"{name:>8} {out:>5}x{width:<5} {bits:>4} {m:>7} {r['seconds']:7.2f} "
-                    f"{flops if m != 'rtn' else 0:6.1f} {rate} {share} {gb(r['peak_rss']):>9} "
+                    f"{r['cpu']:6.1f} {flops if m != 'rtn' else 0:6.1f} {rate} {share} "
+                    f"{gb(r['peak_rss']):>9} "
                     f"{r['objective']:10.4g} {r['objective'] / rtn:6.3f}",
                     flush=True,
                 )
