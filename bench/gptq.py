@@ -8,7 +8,9 @@ peak RSS, sampled by bench/common.run_measured):
 
   ours      tierquant.gptq.gptq_quantize at each --bits (default 3 and 4): time,
             FLOPs counted analytically (gptq_flops), GFLOP/s and its share of numpy's
-            float32 GEMM rate (2048², measured in the same run)
+            float32 GEMM rate (2048², measured in the same run, in a worker with the
+            same environment), per wall second and per CPU second of the worker (on
+            shared cores the CPU figures are the steadier ones)
   mlx-lm    mlx_lm.quant.gptq.gptq_quantize (mlx-lm supports 2/4/8 bits) on a model of
             that one nn.Linear, at 4 bits: its per-matrix loop is not separable from
             the model walk, so its own function runs unchanged, with only the Hessian
@@ -65,17 +67,19 @@ def make_case(out: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return w, h * d[:, None] * d[None, :]
 
 
-def gemm_rate(dtype: type[np.floating], n: int = 2048, repeats: int = 3) -> float:
-    """numpy's GEMM rate in GFLOP/s (best of `repeats`, n x n)."""
+def gemm_rate(dtype: type[np.floating], n: int = 2048, repeats: int = 3) -> tuple[float, float]:
+    """numpy's n x n GEMM rate: (GFLOP per wall second, GFLOP per CPU second of this
+    process), best of `repeats` each. On shared cores the CPU rate is the steadier one."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n)).astype(dtype), rng.standard_normal((n, n)).astype(dtype)
     a @ b
-    best = float("inf")
+    wall = cpu = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+        wall = min(wall, time.perf_counter() - t0)
+        cpu = min(cpu, time.process_time() - c0)
+    return 2 * n**3 / wall / 1e9, 2 * n**3 / cpu / 1e9
 
 
 def objective_of(w: np.ndarray, h: np.ndarray, parts: tuple, bits: int) -> float:
@@ -168,6 +172,11 @@ def measure(method: str, shape: str, bits: int, seed: int, env: dict[str, str]) 
     return {**json.loads(line[len("RESULT ") :]), "peak_rss": m.peak_rss}
 
 
+def fmt(value: float | str, width: int, digits: int) -> str:
+    """`value` in `width` columns with `digits` decimals, or blanks for ""."""
+    return f"{value:{width}.{digits}f}" if value != "" else " " * width
+
+
 def bench(shapes: list[str], bits_list: list[int], skip_mlx_lm: bool, threads: int | None) -> None:
     """The table: every shape at every bits, ours vs rtn (vs mlx-lm where it can)."""
     from tierquant.gptq import gptq_flops
@@ -175,15 +184,18 @@ def bench(shapes: list[str], bits_list: list[int], skip_mlx_lm: bool, threads: i
     env = {} if threads is None else {"OPENBLAS_NUM_THREADS": str(threads)}
 
     rates = measure("gemm", "gemm=0x0", 0, 0, env)
-    rate32, rate64 = rates["float32"], rates["float64"]
+    (rate32, cpu32), (rate64, cpu64) = rates["float32"], rates["float64"]
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}")
-    print(f"numpy GEMM (2048², best of 3): float32 {rate32:.1f} GFLOP/s, float64 {rate64:.1f}")
+    print(
+        f"numpy GEMM (2048², best of 3): float32 {rate32:.1f} GFLOP/s ({cpu32:.1f} per CPU "
+        f"second), float64 {rate64:.1f} ({cpu64:.1f})"
+    )
     print(f"workers' OPENBLAS_NUM_THREADS: {threads or 'unset (one per core)'}")
     print(f"group size {GROUP}; codes='stored'; objective tr((W−Ŵ)H(W−Ŵ)ᵀ) relative to RTN")
     head = (
         f"{'matrix':>8} {'shape':>11} {'bits':>4} {'method':>7} {'time s':>7} {'CPU s':>6} "
-        f"{'GFLOP':>6} {'GFLOP/s':>7} {'/GEMM32':>7} {'peak RSS':>9} {'objective':>10} "
-        f"{'vs RTN':>6}"
+        f"{'GFLOP':>6} {'GFLOP/s':>7} {'/GEMM32':>7} {'/CPU-s':>6} {'/GEMM':>5} "
+        f"{'peak RSS':>9} {'objective':>10} {'vs RTN':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -197,18 +209,25 @@ def bench(shapes: list[str], bits_list: list[int], skip_mlx_lm: bool, threads: i
             results = {m: measure(m, shape, bits, seed, env) for m in methods}
             rtn = results["rtn"]["objective"]
             for m, r in results.items():
-                rate = f"{flops / r['seconds']:7.1f}" if m != "rtn" else f"{'':7}"
-                share = f"{flops / r['seconds'] / rate32:7.2f}" if m != "rtn" else f"{'':7}"
+                rate = share = cpu_rate = cpu_share = ""
+                if m != "rtn":
+                    rate, share = flops / r["seconds"], flops / r["seconds"] / rate32
+                    cpu_rate, cpu_share = flops / r["cpu"], flops / r["cpu"] / cpu32
                 print(
                     f"{name:>8} {out:>5}x{width:<5} {bits:>4} {m:>7} {r['seconds']:7.2f} "
-                    f"{r['cpu']:6.1f} {flops if m != 'rtn' else 0:6.1f} {rate} {share} "
+                    f"{r['cpu']:6.1f} {flops if m != 'rtn' else 0:6.1f} {fmt(rate, 7, 1)} "
+                    f"{fmt(share, 7, 2)} {fmt(cpu_rate, 6, 1)} {fmt(cpu_share, 5, 2)} "
                     f"{gb(r['peak_rss']):>9} "
                     f"{r['objective']:10.4g} {r['objective'] / rtn:6.3f}",
                     flush=True,
                 )
             if "mlx-lm" in results:
-                ratio = results["ours"]["seconds"] / results["mlx-lm"]["seconds"]
-                print(f"{'':>8} ours/mlx-lm time at {bits} bits: {ratio:.3f} (target ≤ 1.0)")
+                ours, theirs = results["ours"], results["mlx-lm"]
+                print(
+                    f"{'':>8} ours/mlx-lm at {bits} bits: time "
+                    f"{ours['seconds'] / theirs['seconds']:.3f}, CPU "
+                    f"{ours['cpu'] / theirs['cpu']:.3f} (target ≤ 1.0)"
+                )
 
 
 def expert_inputs(
