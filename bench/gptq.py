@@ -231,17 +231,24 @@ def bench(shapes: list[str], bits_list: list[int], skip_mlx_lm: bool, threads: i
 
 
 def expert_inputs(
-    rng: np.random.Generator, tokens: int, basis: np.ndarray, shift: np.ndarray, spread: np.ndarray
+    rng: np.random.Generator,
+    tokens: int,
+    basis: np.ndarray,
+    shift: np.ndarray,
+    spread: np.ndarray,
+    outlier: float,
 ) -> np.ndarray:
     """Tokens of one expert: latent shift + spread·noise mixed by the shared `basis`,
-    plus channel noise; the first 2 channels are outliers (×20) for every expert."""
+    plus channel noise; the first 2 channels scaled by `outlier` for every expert."""
     z = shift + spread * rng.standard_normal((tokens, basis.shape[0]))
     x = z @ basis + 0.3 * rng.standard_normal((tokens, basis.shape[1]))
-    x[:, :2] *= 20.0
+    x[:, :2] *= outlier
     return x
 
 
-def few_tokens(bits: int, experts: int = 8, width: int = 128, out: int = 256) -> None:
+def few_tokens(
+    bits: int, outlier: float, experts: int = 8, width: int = 128, out: int = 256
+) -> None:
     """Held-out objective / RTN's (geometric mean over `experts`) for an expert that saw
     N tokens: GPTQ on its own damped Hessian, on blends with the pooled one, pooled only."""
     import mlx.core as mx
@@ -252,7 +259,8 @@ def few_tokens(bits: int, experts: int = 8, width: int = 128, out: int = 256) ->
     rng = np.random.default_rng(0)
     basis = rng.standard_normal((32, width))
     params = [(rng.standard_normal(32) * 1.5, rng.uniform(0.3, 1.0, 32)) for _ in range(experts)]
-    pooled = np.concatenate([expert_inputs(rng, 8192 // experts, basis, *p) for p in params])
+    pooled = [expert_inputs(rng, 8192 // experts, basis, *p, outlier) for p in params]
+    pooled = np.concatenate(pooled)
     h_pooled = pooled.T @ pooled / len(pooled)
     counts = (4, 16, 64, 256)
     labels = ["own", "α=N/(N+in)", "α=0.5", "α=0.1", "pooled"]
@@ -260,12 +268,12 @@ def few_tokens(bits: int, experts: int = 8, width: int = 128, out: int = 256) ->
     for e, p in enumerate(params):
         w = rng.standard_t(5, (out, width)).astype(np.float32) * 0.02
         w = from_bf16_bits(to_bf16_bits(w))
-        held = expert_inputs(rng, 4096, basis, *p)
+        held = expert_inputs(rng, 4096, basis, *p, outlier)
         q, s, b = mx.quantize(mx.array(w).astype(mx.bfloat16), group_size=GROUP, bits=bits)
         w_rtn = np.array(mx.dequantize(q, s, b, group_size=GROUP, bits=bits).astype(mx.float32))
         rtn = objective(w, w_rtn, held)
         for n in counts:
-            x = expert_inputs(np.random.default_rng(1000 * e + n), n, basis, *p)
+            x = expert_inputs(np.random.default_rng(1000 * e + n), n, basis, *p, outlier)
             h_own = x.T @ x / n
             blends = {"own": 1.0, "α=N/(N+in)": n / (n + width), "α=0.5": 0.5, "α=0.1": 0.1}
             for label in labels:
@@ -274,7 +282,10 @@ def few_tokens(bits: int, experts: int = 8, width: int = 128, out: int = 256) ->
                 parts = gptq_quantize(w, h, bits=bits, group_size=GROUP)
                 w_hat = dequantize(*parts, bits=bits, group_size=GROUP)
                 ratios[n, label].append(objective(w, w_hat, held) / rtn)
-    print(f"few routed tokens: in={width}, out={out}, {bits}-bit g{GROUP}, {experts} experts;")
+    print(
+        f"few routed tokens: in={width}, out={out}, {bits}-bit g{GROUP}, {experts} experts, "
+        f"2 outlier channels x{outlier:g};"
+    )
     print("held-out objective / RTN's (geometric mean; < 1 beats RTN), pooled = 8192 tokens")
     print(f"{'N':>5} " + " ".join(f"{k:>11}" for k in labels))
     for n in counts:
@@ -298,8 +309,9 @@ def main() -> None:
         method, shape, bits = args.worker
         worker(method, shape, int(bits), args.seed)
     elif args.few_tokens:
-        for bits in args.bits:
-            few_tokens(bits)
+        for outlier in (20.0, 1.0):
+            for bits in args.bits:
+                few_tokens(bits, outlier)
     else:
         bench(args.shapes, args.bits, args.skip_mlx_lm, args.blas_threads)
 
