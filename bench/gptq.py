@@ -1,4 +1,4 @@
-"""GPTQ at gpt-oss-120b widths: tierquant.gptq against numpy's GEMM rate and mlx-lm's GPTQ.
+"""GPTQ at gpt-oss-120b widths: tierquant.core.gptq against numpy's GEMM rate and mlx-lm's GPTQ.
 
 For each matrix (default: expert gate_up (5760, 2880), expert down (2880, 2880), attention
 q (4096, 2880)) a random bf16 weight and a random correlated Hessian with outlier
@@ -6,7 +6,7 @@ channels (H = D (BᵀB + 0.1·I) D, B (512, in), D = 1 but 20 on 1% of channels;
 every worker builds the same ones) are made, then, each in a fresh process (its own
 peak RSS, sampled by bench/common.run_measured):
 
-  ours      tierquant.gptq.gptq_quantize at each --bits (default 3 and 4): time,
+  ours      tierquant.core.gptq.gptq_quantize at each --bits (default 3 and 4): time,
             FLOPs counted analytically (gptq_flops), GFLOP/s and its share of numpy's
             float32 GEMM rate (2048², measured in the same run, in a worker with the
             same environment), per wall second and per CPU second of the worker (on
@@ -55,7 +55,7 @@ def parse_shape(text: str) -> tuple[str, int, int]:
 
 def make_case(out: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(bf16-representable float32 weight (out, in), float64 Hessian (in, in)), seeded."""
-    from tierquant.bf16 import from_bf16_bits, to_bf16_bits
+    from tierquant.core.mxfp4 import from_bf16_bits, to_bf16_bits
 
     rng = np.random.default_rng(seed)
     w = from_bf16_bits(to_bf16_bits(rng.standard_t(5, (out, width)).astype(np.float32) * 0.02))
@@ -86,7 +86,7 @@ def objective_of(w: np.ndarray, h: np.ndarray, parts: tuple, bits: int) -> float
     """tr(E H Eᵀ) with Ŵ = stock mx.dequantize of numpy (packed, scale bits, bias bits)."""
     import mlx.core as mx
 
-    from tierquant.gptq import hessian_objective
+    from tierquant.core.gptq import hessian_objective
 
     q, s, b = (mx.array(p) for p in parts)
     w_hat = mx.dequantize(q, s.view(mx.bfloat16), b.view(mx.bfloat16), group_size=GROUP, bits=bits)
@@ -94,7 +94,7 @@ def objective_of(w: np.ndarray, h: np.ndarray, parts: tuple, bits: int) -> float
 
 
 def run_ours(w: np.ndarray, h: np.ndarray, bits: int) -> dict:
-    from tierquant.gptq import gptq_quantize
+    from tierquant.core.gptq import gptq_quantize
 
     t0, c0 = time.perf_counter(), time.process_time()
     parts = gptq_quantize(w, h, bits=bits, group_size=GROUP)
@@ -179,7 +179,7 @@ def fmt(value: float | str, width: int, digits: int) -> str:
 
 def bench(shapes: list[str], bits_list: list[int], skip_mlx_lm: bool, threads: int | None) -> None:
     """The table: every shape at every bits, ours vs rtn (vs mlx-lm where it can)."""
-    from tierquant.gptq import gptq_flops
+    from tierquant.core.gptq import gptq_flops
 
     env = {} if threads is None else {"OPENBLAS_NUM_THREADS": str(threads)}
 
@@ -253,8 +253,8 @@ def few_tokens(
     N tokens: GPTQ on its own damped Hessian, on blends with the pooled one, pooled only."""
     import mlx.core as mx
 
-    from tierquant.bf16 import from_bf16_bits, to_bf16_bits
-    from tierquant.gptq import dequantize, gptq_quantize, objective
+    from tierquant.core.gptq import dequantize, gptq_quantize, objective
+    from tierquant.core.mxfp4 import from_bf16_bits, to_bf16_bits
 
     rng = np.random.default_rng(0)
     basis = rng.standard_normal((32, width))

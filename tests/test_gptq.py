@@ -1,4 +1,4 @@
-"""tierquant.gptq against its oracles: mx.quantize's bytes when there is nothing to
+"""tierquant.core.gptq against its oracles: mx.quantize's bytes when there is nothing to
 compensate (H = I), a plain float64 GPTQ written here column by column, stock
 mx.dequantize of its output, RTN's objective on calibration and held-out inputs, and
 errors naming bad input."""
@@ -9,8 +9,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from tierquant import gptq
-from tierquant.bf16 import from_bf16_bits, to_bf16_bits
+from tierquant.core import gptq
+from tierquant.core.mxfp4 import from_bf16_bits, to_bf16_bits
 from tierquant.errors import TierquantError
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -119,7 +119,7 @@ def reference_gptq(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Textbook GPTQ in float64, one column at a time, every later column updated at
     once, U from an explicit inverse: (codes (out, in), scale bits, bias bits). The
-    format helpers (group_params, dequantize_codes) are tierquant.gptq's, which the
+    format helpers (group_params, dequantize_codes) are tierquant.core.gptq's, which the
     mx.quantize oracle above pins down; the code choice is the brute-force one above."""
     w = w.astype(np.float64).copy()
     h = h.astype(np.float64).copy()

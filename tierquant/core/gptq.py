@@ -48,9 +48,9 @@ from typing import Literal
 
 import numpy as np
 
-from tierquant.bf16 import from_bf16_bits, to_bf16_bits
+from tierquant.core.mxfp4 import from_bf16_bits, to_bf16_bits
+from tierquant.core.precision import AFFINE_BITS, GROUP_SIZES
 from tierquant.errors import TierquantError
-from tierquant.precision import AFFINE_BITS, GROUP_SIZES
 
 Codes = Literal["stored", "mlx"]
 EPS = np.float32(1e-7)  # MLX's floor on a group's scale
