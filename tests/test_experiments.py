@@ -30,7 +30,7 @@ def repo(tmp_path_factory):
 
 def test_a_default_repro_prints_no_noise(repo):
     log = (repo.parent / "repro.log").read_text()
-    assert "Running stage 'measure'" in log and "Running stage 'reference'" in log
+    assert "Running stage 'reference'" in log  # it imports mlx-lm, and so transformers
     for noise in NOISE:
         assert noise not in log, noise
 

@@ -28,9 +28,9 @@ from tierquant.core.floatrows import iter_float_rows, mxfp4_source
 from tierquant.core.gptoss import (
     EXPERT_KINDS,
     Weight,
+    check_headers,
     mlx_weights,
     shape_of_checkpoint,
-    verify_original,
 )
 from tierquant.core.mxfp4 import NAN_SCALE
 from tierquant.core.parallel import ops_queue_capped, slice_streams
@@ -76,10 +76,9 @@ def quantize_tier(
     )
     streams = slice_streams()
     with (
-        # headers against config.json, as convert and plan check them (a wrong
-        # num_local_experts is named as such, not found later as a short read of a
-        # tensor); headers and side files only, no tensor data
-        verify_original(original_dir) as original,
+        # headers against config.json (a wrong num_local_experts is named as such, not
+        # found later as a short read of a tensor); headers only, no tensor data
+        check_headers(original_dir) as original,
         atomic_output(out_dir) as tmp,
         ShardedWriter(
             tmp,

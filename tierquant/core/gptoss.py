@@ -176,6 +176,27 @@ def verify_side_files(root: Path) -> None:
         raise TierquantError(f"{path}: does not load as a tokenizer ({e})") from e
 
 
+def check_headers(root: Path) -> Checkpoint:
+    """The checkpoint at `root`, every tensor it holds checked against the dtype and
+    shape its config.json implies (headers only): a config that does not match the
+    weights (say a wrong num_local_experts) is named as such, not found later as a short
+    read. Tensors the config implies but the checkpoint lacks are `verify_original`'s."""
+    root = Path(root)
+    ckpt = Checkpoint(root)
+    config_path = root / "config.json"
+    shape = GptOssShape.from_config(ckpt.config, str(config_path))
+    expected = {s.name: s for s in hf_tensor_specs(shape)}
+    for name, got in ckpt.tensors.items():
+        spec = expected.get(name)
+        if spec is not None and (got.dtype, got.shape) != (spec.dtype, spec.shape):
+            ckpt.close()
+            raise TierquantError(
+                f"{got.path}: tensor {name!r} is {got.dtype}{list(got.shape)} but "
+                f"{config_path.name} implies {spec.dtype}{list(spec.shape)}"
+            )
+    return ckpt
+
+
 def verify_original(root: Path) -> Checkpoint:
     """Check a downloaded/synthesized original checkpoint against its config.json.
 
@@ -185,7 +206,7 @@ def verify_original(root: Path) -> Checkpoint:
     """
     root = Path(root)
     verify_side_files(root)
-    ckpt = Checkpoint(root)
+    ckpt = check_headers(root)
     config_path = root / "config.json"
     shape = GptOssShape.from_config(ckpt.config, str(config_path))
     expected = {s.name: s for s in hf_tensor_specs(shape)}
@@ -194,12 +215,6 @@ def verify_original(root: Path) -> Checkpoint:
             raise TierquantError(
                 f"{root}: tensor {name!r} ({spec.dtype}{list(spec.shape)}), implied by "
                 f"{config_path.name}, is missing"
-            )
-        got = ckpt.tensors[name]
-        if (got.dtype, got.shape) != (spec.dtype, spec.shape):
-            raise TierquantError(
-                f"{got.path}: tensor {name!r} is {got.dtype}{list(got.shape)} but "
-                f"{config_path.name} implies {spec.dtype}{list(spec.shape)}"
             )
     extra = sorted(set(ckpt.tensors) - set(expected))
     if extra:
