@@ -39,6 +39,9 @@ def project_root(start: Path | None = None) -> Path:
     )
 
 
+SYNTHETIC_WEIGHTS = ("random", "trained")
+
+
 @dataclass
 class SyntheticConfig:
     """Shape and seed of a synthetic gpt-oss checkpoint (see tierquant.synthetic)."""
@@ -57,6 +60,9 @@ class SyntheticConfig:
     num_regular_tokens: int = 1000
     max_shard_bytes: int = 1_000_000
     fit_to_corpus: bool = True
+    # "random": tierquant.synthetic generates the weights (any shape); "trained": the
+    # committed trained tiny model (tierquant/assets/tiny, one shape only: tierquant.trained)
+    weights: str = "random"
 
 
 @dataclass
@@ -279,6 +285,11 @@ def _check_semantics(config: Config) -> None:
     if model.source == "synthetic":
         if model.synthetic is None:
             raise TierquantError("params: model.source is 'synthetic' but model.synthetic is null")
+        if model.synthetic.weights not in SYNTHETIC_WEIGHTS:
+            raise TierquantError(
+                f"params: model.synthetic.weights must be one of {SYNTHETIC_WEIGHTS}, "
+                f"got {model.synthetic.weights!r}"
+            )
     elif model.source == "hub":
         if not model.repo_id or not model.revision:
             raise TierquantError(

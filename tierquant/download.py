@@ -1,6 +1,8 @@
 """download stage: the original gpt-oss checkpoint into data/original.
 
-`model.source: synthetic` writes the synthetic checkpoint; `hub` fetches the pinned
+`model.source: synthetic` writes the synthetic checkpoint (`model.synthetic.weights:
+trained`, the tiny default: the committed trained model, tierquant.trained; `random`:
+tierquant.synthetic's generator); `hub` fetches the pinned
 revision from the Hugging Face Hub. Either way the result is verified (index, shards,
 headers, every tensor config.json implies) before it is moved into place.
 """
@@ -41,8 +43,14 @@ def download(
                 raise TierquantError(
                     "params: model.source is 'synthetic' but model.synthetic is null"
                 )
-            log.info("synthesizing gpt-oss %r (seed %d)", name, synthetic.seed)
-            write_synthetic_checkpoint(tmp, synthetic)
+            if synthetic.weights == "trained":
+                from tierquant.trained import write_trained_checkpoint
+
+                log.info("writing the trained gpt-oss %r", name)
+                write_trained_checkpoint(tmp, synthetic)
+            else:
+                log.info("synthesizing gpt-oss %r (seed %d)", name, synthetic.seed)
+                write_synthetic_checkpoint(tmp, synthetic)
             what = name
         else:
             from .hub import download_snapshot
