@@ -760,6 +760,38 @@ def run(out: Path, cache: Path, cfg: TrainConfig) -> dict:
     return report
 
 
+def plot_curve(record: dict, png: Path) -> None:
+    """The loss curve of a training.json record as a PNG (train, and each eval set)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = record["curve"]
+    steps = [r["step"] for r in curve]
+    labels = {
+        "train": "train (mean of the last steps)",
+        "val": "validation (held-out 2% of the training text)",
+        "eval": "eval windows (tierquant/assets/corpus.txt)",
+        "technical": "held-out technical text (SQLite docs)",
+    }
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key, label in labels.items():
+        ax.plot(steps, [r[key] for r in curve], label=label)
+    cfg = record["train_config"]
+    qat = int(cfg["steps"] * (1 - cfg["qat_fraction"]))
+    if cfg["qat_fraction"] > 0:
+        ax.axvline(qat, color="grey", linestyle=":", label="MXFP4 QAT from here")
+    ax.set_xlabel("step (16 x 128 tokens)")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylim(bottom=min(min(r[k] for k in labels) for r in curve) - 0.2, top=7.0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, metadata={"Software": None})
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("tierquant/assets/tiny"))
@@ -769,8 +801,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--plot", type=Path, help="only plot --out's training.json as this PNG")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.plot:
+        plot_curve(json.loads((args.out / "training.json").read_text()), args.plot)
+        return
     cfg = TrainConfig(steps=args.steps, eval_every=args.eval_every, batch_size=args.batch_size)
     report = run(args.out, args.cache, cfg)
     print(json.dumps(report["exported"], indent=1))
