@@ -23,12 +23,12 @@ from tierquant.assemble import assemble_model
 from tierquant.autoplan import auto_plan
 from tierquant.config import ValidateConfig, compose, validate
 from tierquant.convert import convert_checkpoint
+from tierquant.download import write_local_checkpoint
 from tierquant.evaluate import build_reference
 from tierquant.measure import measure
 from tierquant.plan import plan, read_plan
 from tierquant.predict import predict
 from tierquant.quantize import quantize_tier
-from tierquant.synthetic import write_synthetic_checkpoint
 from tierquant.validate import validate_model
 
 HAND = {"seed": [], "mixed_3_6": ["recipe=mixed_3_6"]}
@@ -116,7 +116,7 @@ def main() -> None:
     root = args.work
     if not (root / "float").is_dir():
         (root / "original").mkdir(parents=True, exist_ok=True)
-        write_synthetic_checkpoint(root / "original", cfg.model.synthetic)
+        write_local_checkpoint(root / "original", cfg.model.synthetic)
         convert_checkpoint(
             root / "original", root / "float", max_shard_bytes=cfg.model.max_shard_bytes
         )

@@ -21,6 +21,20 @@ from .gptoss import verify_original
 log = logging.getLogger(__name__)
 
 
+def write_local_checkpoint(out_dir: Path, spec: SyntheticConfig) -> None:
+    """The checkpoint `model.synthetic` describes, into the existing directory `out_dir`:
+    the committed trained tiny model (`weights: trained`) or tierquant.synthetic's
+    generator (`random`). Everything that makes the embedded model calls this."""
+    if spec.weights == "trained":
+        from tierquant.trained import write_trained_checkpoint
+
+        write_trained_checkpoint(out_dir, spec)
+    else:
+        from tierquant.synthetic import write_synthetic_checkpoint
+
+        write_synthetic_checkpoint(out_dir, spec)
+
+
 def download(
     *,
     out: Path,
@@ -37,20 +51,12 @@ def download(
     out = Path(out)
     with atomic_output(out) as tmp:
         if source == "synthetic":
-            from .synthetic import write_synthetic_checkpoint
-
             if synthetic is None:
                 raise TierquantError(
                     "params: model.source is 'synthetic' but model.synthetic is null"
                 )
-            if synthetic.weights == "trained":
-                from tierquant.trained import write_trained_checkpoint
-
-                log.info("writing the trained gpt-oss %r", name)
-                write_trained_checkpoint(tmp, synthetic)
-            else:
-                log.info("synthesizing gpt-oss %r (seed %d)", name, synthetic.seed)
-                write_synthetic_checkpoint(tmp, synthetic)
+            log.info("writing the %s gpt-oss %r", synthetic.weights, name)
+            write_local_checkpoint(tmp, synthetic)
             what = name
         else:
             from .hub import download_snapshot
