@@ -67,7 +67,7 @@ def test_same_bytes_every_time(trained_original, tmp_path):
 
 
 def test_other_shape_is_refused_with_the_key(tmp_path):
-    with pytest.raises(TierquantError, match="hidden_size.*weights: random"):
+    with pytest.raises(TierquantError, match="model.synthetic.hidden_size is 256.*weights: random"):
         write_trained_checkpoint(tmp_path, tiny_spec(hidden_size=256))
 
 

@@ -12,6 +12,7 @@ every machine writes the same data/original.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from importlib import resources
 from pathlib import Path
@@ -45,9 +46,11 @@ def check_shape(spec: SyntheticConfig, asset: Path) -> None:
     diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
     if diff:
         key = diff[0]
+        # the param that decides it: a model.synthetic field of the same name, if any
+        param = key if key in dataclasses.asdict(spec) else f"(config.json) {key}"
         raise TierquantError(
-            f"params: model.synthetic asks for {key}={got.get(key)!r}, but the trained tiny "
-            f"model in {asset} has {key}={want.get(key)!r}; set model.synthetic.weights: "
+            f"params: model.synthetic.{param} is {got.get(key)!r}, but the trained tiny "
+            f"model in {asset} has {want.get(key)!r}; set model.synthetic.weights: "
             "random for other shapes (or retrain: python -m tierquant.train_tiny)"
         )
 
