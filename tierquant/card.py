@@ -448,7 +448,7 @@ def card_context(
         "base_model": base_model,
         "base_revision": source.revision,
         "source_note": (
-            f"tierquant's tiny `{source.name}` gpt-oss (trained by tierquant.train_tiny on "
+            f"tierquant's trained `{source.name}` gpt-oss (made by tierquant.train_tiny on "
             "~4 MB of public-domain English, in the exact layout of openai/gpt-oss-120b; "
             "for testing the pipeline, not a useful language model)"
             if source.trained
