@@ -440,7 +440,7 @@ def card_context(
         "base_model": base_model,
         "base_revision": source.revision,
         "source_note": (
-            f"tierquant's tiny `{source.name}` gpt-oss (trained by tierquant.source.train on "
+            f"tierquant's trained `{source.name}` gpt-oss (made by tierquant.source.train on "
             "~4 MB of public-domain English, in the exact layout of openai/gpt-oss-120b; "
             "for testing the pipeline, not a useful language model)"
             if source.trained
