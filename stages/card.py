@@ -29,6 +29,9 @@ def run(config: Config) -> Path:
             base_model=model.repo_id if model.source == "hub" else None,
             revision=model.revision,
             license=model.license,
+            trained=model.source == "synthetic"
+            and model.synthetic is not None
+            and model.synthetic.weights == "trained",
         ),
         recipe_name=config.recipe.name,
         group_size=config.quant.group_size,

@@ -28,12 +28,14 @@ def tiny_spec(**changes) -> SyntheticSpec:
 
 @pytest.fixture(scope="session")
 def tiny_original(tmp_path_factory) -> Path:
-    """data/original of the default tiny model (read-only: copy before changing)."""
+    """The RANDOM synthetic model at the tiny shape (`weights: random`, tierquant.source.synthetic;
+    the default `tiny` is the trained one since #28: tests/test_trained.py), read-only:
+    copy before changing. Tests calibrated on the random model's figures use it."""
     from tierquant.source.synthetic import write_synthetic_checkpoint
 
     out = tmp_path_factory.mktemp("tiny") / "original"
     out.mkdir()
-    write_synthetic_checkpoint(out, tiny_spec())
+    write_synthetic_checkpoint(out, tiny_spec(weights="random"))
     return out
 
 

@@ -6,6 +6,7 @@ Models are built in-process by the pipeline's own plan → quantize → assemble
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -190,13 +191,24 @@ def test_kld_grows_as_expert_bits_shrink(reference, models):
     assert kld[3] > 10 * kld[0]
 
 
+def _random_model_gate(config):
+    """`config` with the gate the random tiny model (conftest's tiny_original) was
+    calibrated for before #28; conf/quality/tiny.yaml now gates the trained model."""
+    gate = dataclasses.replace(
+        config.validate, kld_mean_max=1.2, kld_p99_max=4.0, top1_min=0.37, ppl_ratio_max=1.6
+    )
+    return dataclasses.replace(config, validate=gate)
+
+
 def test_default_recipe_passes_and_2bit_experts_fail(reference, models, tmp_path, run_validate):
     config, model_dir, plan_dir = models()
+    config = _random_model_gate(config)
     seed = run_validate(config, model_dir, plan_dir, reference, tmp_path / "seed.json")
     assert seed["passed"] and seed["structure_problems"] == 0
     assert seed["bits_per_weight"] == pytest.approx(seed["bits_per_weight_predicted"])
 
     config2, model2, plan2 = models("tiers.experts=2")
+    config2 = _random_model_gate(config2)
     out = tmp_path / "e2.json"
     with pytest.raises(TierquantError) as failed:
         run_validate(config2, model2, plan2, reference, out)

@@ -168,7 +168,7 @@ def test_a_failed_experiment_leaves_nothing_that_lies(repo):
     assert errors and len(errors) == len(set(errors))  # one line per problem, once
     assert "Traceback" not in proc.stderr
     headline = _headline(repo)
-    assert headline["passed"] is False and headline["kld_mean"] > 1.0
+    assert headline["passed"] is False and headline["kld_mean"] > 0.065  # the tiny gate
     # the old card and receipt are still there, but publish refuses them
     dry = run([PYTHON, "stages/publish.py"], repo, check=False)
     assert dry.returncode == 1 and "made from another model" in dry.stderr, dry.stderr

@@ -27,7 +27,7 @@ from tierquant.plan.recipe import RecipeConfig, check_recipe, typed_rules
 from tierquant.quality.evalset import CalibrationSet, EvalSet, TextSet
 from tierquant.report.benchmark import BenchmarkSettings
 from tierquant.report.release import default_repo_id
-from tierquant.source.synthetic import SyntheticSpec
+from tierquant.source.synthetic import SYNTHETIC_WEIGHTS, SyntheticSpec
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -178,6 +178,16 @@ def _check_semantics(config: Config) -> None:
     if model.source == "synthetic":
         if model.synthetic is None:
             raise TierquantError("params: model.source is 'synthetic' but model.synthetic is null")
+        if model.synthetic.weights not in SYNTHETIC_WEIGHTS:
+            raise TierquantError(
+                f"params: model.synthetic.weights must be one of {SYNTHETIC_WEIGHTS}, "
+                f"got {model.synthetic.weights!r}"
+            )
+        if model.synthetic.weights not in SYNTHETIC_WEIGHTS:
+            raise TierquantError(
+                f"params: model.synthetic.weights must be one of {SYNTHETIC_WEIGHTS}, "
+                f"got {model.synthetic.weights!r}"
+            )
     elif model.source == "hub":
         if not model.repo_id or not model.revision:
             raise TierquantError(

@@ -368,6 +368,7 @@ class SourceModel:
     base_model: str | None  # Hub repo id; None for the synthetic model
     revision: str | None
     license: str
+    trained: bool = False  # the synthetic model is the committed trained tiny one
 
 
 def card_context(
@@ -439,7 +440,11 @@ def card_context(
         "base_model": base_model,
         "base_revision": source.revision,
         "source_note": (
-            f"tierquant's synthetic `{source.name}` gpt-oss (random weights in the exact "
+            f"tierquant's trained `{source.name}` gpt-oss (made by tierquant.source.train on "
+            "~4 MB of public-domain English, in the exact layout of openai/gpt-oss-120b; "
+            "for testing the pipeline, not a useful language model)"
+            if source.trained
+            else f"tierquant's synthetic `{source.name}` gpt-oss (random weights in the exact "
             "layout of openai/gpt-oss-120b, for testing the pipeline; not a language model)"
         ),
         "recipe_name": recipe_name,

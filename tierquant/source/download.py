@@ -1,6 +1,8 @@
 """download stage: the original gpt-oss checkpoint into data/original.
 
-`model.source: synthetic` writes the synthetic checkpoint; `hub` fetches the pinned
+`model.source: synthetic` writes the synthetic checkpoint (`model.synthetic.weights:
+trained`, the tiny default: the committed trained model, tierquant.source.trained; `random`:
+tierquant.source.synthetic's generator); `hub` fetches the pinned
 revision from the Hugging Face Hub. Either way the result is verified (index, shards,
 headers, every tensor config.json implies) before it is moved into place.
 """
@@ -19,6 +21,20 @@ from tierquant.source.synthetic import SyntheticSpec
 log = logging.getLogger(__name__)
 
 
+def write_local_checkpoint(out_dir: Path, spec: SyntheticSpec) -> None:
+    """The checkpoint `model.synthetic` describes, into the existing directory `out_dir`:
+    the committed trained tiny model (`weights: trained`) or tierquant.source.synthetic's
+    generator (`random`). Everything that makes the embedded model calls this."""
+    if spec.weights == "trained":
+        from tierquant.source.trained import write_trained_checkpoint
+
+        write_trained_checkpoint(out_dir, spec)
+    else:
+        from tierquant.source.synthetic import write_synthetic_checkpoint
+
+        write_synthetic_checkpoint(out_dir, spec)
+
+
 def download(
     *,
     out: Path,
@@ -35,14 +51,12 @@ def download(
     out = Path(out)
     with atomic_output(out) as tmp:
         if source == "synthetic":
-            from tierquant.source.synthetic import write_synthetic_checkpoint
-
             if synthetic is None:
                 raise TierquantError(
                     "params: model.source is 'synthetic' but model.synthetic is null"
                 )
-            log.info("synthesizing gpt-oss %r (seed %d)", name, synthetic.seed)
-            write_synthetic_checkpoint(tmp, synthetic)
+            log.info("writing the %s gpt-oss %r", synthetic.weights, name)
+            write_local_checkpoint(tmp, synthetic)
             what = name
         else:
             from tierquant.source.hub import download_snapshot

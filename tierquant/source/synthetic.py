@@ -59,6 +59,12 @@ class SyntheticSpec:
     num_regular_tokens: int = 1000
     max_shard_bytes: int = 1_000_000
     fit_to_corpus: bool = True
+    # "random": this module generates the weights (any shape); "trained": the committed
+    # trained tiny model (tierquant/assets/tiny, one shape only: tierquant.source.trained)
+    weights: str = "random"
+
+
+SYNTHETIC_WEIGHTS = ("random", "trained")
 
 
 BLOCK_GAIN = 0.1  # each attention / MoE block's output RMS relative to the residual's
