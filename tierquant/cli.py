@@ -2,7 +2,7 @@
 
 `tierquant <stage> [key=value ...]` runs `python stages/<stage>.py` of the checkout you
 are in (the same thing `dvc repro` runs for that stage; overrides as in the stage's own
-`--help`). `tierquant cache verify` checks the DVC cache (tierquant.dvccache). The
+`--help`). `tierquant cache verify` checks the DVC cache (tierquant.check.cache). The
 pipeline itself is driven by DVC (`dvc repro`, `dvc exp run`); this command is a thin
 front door over the stage scripts and the library, not a second pipeline.
 """
@@ -40,6 +40,13 @@ The stages above are the pipeline's (`dvc repro` runs them all, in this order);
 `tierquant <stage> --help` says how to call one.
 
 maintenance:
+  doctor [--reset]     after an interrupted (Ctrl-C, SIGTERM, kill) or failed run: repair
+                       dvc.lock, DVC's rwlock, params.yaml if it does not parse, remove
+                       partial outputs, evict corrupt cache objects, list the outputs that
+                       differ from dvc.lock; exits 1 if it repaired anything. Then `dvc
+                       repro`. --reset also puts params.yaml back to the committed one:
+                       `tierquant doctor --reset && dvc repro` is the way back after a
+                       failed experiment
   cache verify         rehash every DVC cache object, evict the corrupt ones (and the
                        outputs linked to them) so the next `dvc repro` rebuilds them
   compare [args]       `dvc exp show` with the headline metrics and the tiers only
@@ -76,6 +83,22 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     verify.add_argument("--no-evict", action="store_true", help="report only, delete nothing")
+    doc = sub.add_parser(
+        "doctor",
+        help="repair the workspace after an interrupted or failed run (then `dvc repro`)",
+        description="Repair what an interrupted or failed `dvc repro`/`dvc exp run` left "
+        "(tierquant.check.doctor says exactly what): a dvc.lock that does not parse or lost "
+        "stages, a corrupt DVC rwlock, partial outputs, corrupt cache objects; list the "
+        "outputs that differ from dvc.lock. Exits 1 if it repaired anything, 0 if all was "
+        "well. Then `dvc repro` restores from the run-cache or reruns what differs.",
+    )
+    doc.add_argument(
+        "--reset",
+        action="store_true",
+        help="also put params.yaml back to the committed one (the way back after a failed "
+        "experiment: `tierquant doctor --reset && dvc repro`)",
+    )
+    doc.add_argument("--repo", type=Path, default=None, help="the checkout (default: here)")
     compare = sub.add_parser(
         "compare",
         help="dvc exp show: headline metrics + tiers only",
@@ -108,9 +131,9 @@ def run_stage(name: str, args: list[str]) -> int:
 
 
 def cache_verify(repo: Path | None, evict: bool) -> int:
-    """Print what `tierquant.dvccache.verify_cache` found; 1 if anything was corrupt."""
+    """Print what `tierquant.check.cache.verify_cache` found; 1 if anything was corrupt."""
+    from tierquant.check.cache import verify_cache
     from tierquant.config import project_root
-    from tierquant.dvccache import verify_cache
 
     root = Path(repo) if repo else project_root()
     report = verify_cache(root, evict=evict)
@@ -123,6 +146,27 @@ def cache_verify(repo: Path | None, evict: bool) -> int:
         print(f"error: {len(report.corrupt)} of {report.checked} cache objects {what}")
         return 1
     print(f"cache ok: {report.checked} objects in {report.cache_dir} match their names")
+    return 0
+
+
+def doctor(repo: Path | None, reset: bool) -> int:
+    """Print what `tierquant.check.doctor.doctor` did and found; 1 if it repaired."""
+    from tierquant.check.doctor import doctor as run_doctor
+    from tierquant.config import project_root
+
+    root = Path(repo) if repo else project_root()
+    report = run_doctor(root, reset=reset)
+    for line in report.repairs:
+        print(f"repaired: {line}")
+    for line in report.stale:
+        print(f"differs from dvc.lock: {line}")
+    if report.stale:
+        print("run `dvc repro`: it restores these from the run-cache or reruns them")
+    if report.repaired:
+        print(f"doctor: {len(report.repairs)} repairs")
+        return 1
+    matches = "" if report.stale else "; the workspace matches dvc.lock"
+    print(f"doctor: nothing to repair{matches}")
     return 0
 
 
@@ -185,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.cache_command != "verify":
                 parser.parse_args(["cache", "--help"])
             return cache_verify(args.repo, evict=not args.no_evict)
+        if args.command == "doctor":
+            return doctor(args.repo, reset=args.reset)
         if args.command == "compare":
             return compare(args.args)
         return run_stage(args.command, args.args)  # pragma: no cover (handled above)
