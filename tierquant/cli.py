@@ -43,7 +43,7 @@ maintenance:
   doctor [--reset]     after an interrupted (Ctrl-C, SIGTERM, kill) or failed run: repair
                        dvc.lock, DVC's rwlock, params.yaml if it does not parse, remove
                        partial outputs, evict corrupt cache objects, list the outputs that
-                       differ from dvc.lock; exits 1 if it repaired anything. Then `dvc
+                       differ from dvc.lock; exits 1 if it repaired damage. Then `dvc
                        repro`. --reset also puts params.yaml back to the committed one:
                        `tierquant doctor --reset && dvc repro` is the way back after a
                        failed experiment
@@ -89,8 +89,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Repair what an interrupted or failed `dvc repro`/`dvc exp run` left "
         "(tierquant.check.doctor says exactly what): a dvc.lock that does not parse or lost "
         "stages, a corrupt DVC rwlock, partial outputs, corrupt cache objects; list the "
-        "outputs that differ from dvc.lock. Exits 1 if it repaired anything, 0 if all was "
-        "well. Then `dvc repro` restores from the run-cache or reruns what differs.",
+        "outputs that differ from dvc.lock. Exits 1 if it repaired damage, 0 if there was "
+        "none (--reset's params.yaml is not damage). Then `dvc repro` restores from the "
+        "run-cache or reruns what differs.",
     )
     doc.add_argument(
         "--reset",
@@ -150,12 +151,15 @@ def cache_verify(repo: Path | None, evict: bool) -> int:
 
 
 def doctor(repo: Path | None, reset: bool) -> int:
-    """Print what `tierquant.check.doctor.doctor` did and found; 1 if it repaired."""
+    """Print what `tierquant.check.doctor.doctor` did and found; 1 if it repaired damage
+    (not for --reset's params.yaml, which was asked for)."""
     from tierquant.check.doctor import doctor as run_doctor
     from tierquant.config import project_root
 
     root = Path(repo) if repo else project_root()
     report = run_doctor(root, reset=reset)
+    for line in report.reset:
+        print(f"reset: {line}")
     for line in report.repairs:
         print(f"repaired: {line}")
     for line in report.stale:

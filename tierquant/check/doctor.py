@@ -57,9 +57,11 @@ OUTPUT_FOLDERS = ("data", "metrics")
 
 @dataclass
 class DoctorReport:
-    """What `doctor` repaired (`repairs`) and what it found still out of date (`stale`)."""
+    """What `doctor` repaired (`repairs`: damage an interrupt left), put back on request
+    (`reset`: params.yaml, not damage) and found still out of date (`stale`)."""
 
     repairs: list[str] = field(default_factory=list)
+    reset: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
 
     @property
@@ -153,7 +155,7 @@ def _params(root: Path, reset: bool, report: DoctorReport) -> None:
         return
     if reset:
         _replace(path, committed)
-        report.repairs.append("params.yaml: put back to the committed one (git HEAD)")
+        report.reset.append("params.yaml: put back to the committed one (git HEAD)")
         return
     try:
         ok = isinstance(yaml.safe_load(current or b""), dict)
