@@ -6,9 +6,9 @@ Two throwaway copies of the repo (small calibration set, `shrink_calibration`, s
 measure stage takes seconds; conf/ is edited and committed, so `dvc exp run` keeps it):
 
 - `good`: one `dvc repro`; the refused and failed experiments run in it, each followed
-  by the way back. Its committed dvc.lock is the one copied from this checkout, whose
-  measure hash is not this copy's (another calibration set): the situation of a fresh
-  clone on another CPU, whose cache lacks what git's dvc.lock names.
+  by the way back. Its committed dvc.lock is this checkout's, whose measure hash is not
+  the copy's (another calibration set): the situation of a fresh clone on another CPU,
+  whose cache lacks what git's dvc.lock names.
 - `interrupted`: `dvc repro` from scratch, stopped by SIGINT/SIGTERM at 12 points, each
   followed by `tierquant doctor`; then `dvc repro` must finish with `good`'s outputs.
 """
@@ -16,6 +16,7 @@ measure stage takes seconds; conf/ is edited and committed, so `dvc exp run` kee
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PYTHON, copy_repo, run, shrink_calibration
+from tests.conftest import PYTHON, REPO, copy_repo, run, shrink_calibration
 from tests.faults import digest_tree, dvc_env, locked_stages, temporaries
 
 pytestmark = pytest.mark.faults
@@ -54,6 +55,17 @@ def _kept(digests: dict[str, str], prefixes=("data/", "metrics/")) -> dict[str, 
     }
 
 
+def _clone(dest: Path) -> Path:
+    """A repo copy with a small calibration set and this checkout's dvc.lock committed, as
+    a clone has it. Its measure hash is not the copy's (another calibration set): the
+    situation of a fresh clone on another CPU, whose cache lacks what git's lock names."""
+    repo = copy_repo(dest)
+    shutil.copyfile(REPO / "dvc.lock", repo / "dvc.lock")
+    run(["git", "add", "dvc.lock"], repo)
+    shrink_calibration(repo)  # commits dvc.lock with conf/ and params.yaml
+    return repo
+
+
 def _dvc(repo: Path, *args: str, check: bool = True):
     return run(["dvc", *args], repo, env=dvc_env(), check=check)
 
@@ -66,8 +78,7 @@ def _status_clean(repo: Path) -> None:
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    repo = copy_repo(tmp_path_factory.mktemp("good") / "repo")
-    shrink_calibration(repo)
+    repo = _clone(tmp_path_factory.mktemp("good") / "repo")
     _dvc(repo, "repro")
     return repo, digest_tree(repo)
 
@@ -227,8 +238,7 @@ def _lock_parses(repo: Path) -> bool:
 
 def test_interrupts_at_twelve_points_then_doctor_and_repro(good, tmp_path):
     ref_repo, ref = good
-    repo = copy_repo(tmp_path / "interrupted")
-    shrink_calibration(repo)
+    repo = _clone(tmp_path / "interrupted")
     hits, damaged = 0, 0
     for sig, when in POINTS:
         said = _interrupt(repo, sig, when, tmp_path)

@@ -19,6 +19,7 @@ from tierquant.errors import TierquantError
 # The stages in pipeline order (dvc.yaml), with what each does; tests keep this list
 # equal to stages/*.py.
 STAGES: tuple[tuple[str, str], ...] = (
+    ("check", "every param and cheap input, before any output is removed -> a stamp"),
     ("download", "write data/original: the synthetic tiny model, or a pinned Hub snapshot"),
     ("convert", "data/original (MXFP4) -> data/float: the exact bf16 export, mlx-lm names"),
     ("measure", "damage of each allocation group at each candidate precision -> data/measure"),

@@ -228,14 +228,17 @@ def _declared(root: Path) -> dict[str, dict[str, Any]] | None:
                 if not getattr(stage, "cmd", None):
                     continue
                 params = {d.def_path for d in stage.deps if hasattr(d, "params")}
-                out[stage.addressing] = {
+                out[stage.name] = {  # not .addressing: that is relative to the cwd
                     "cmd": stage.cmd,
                     "deps": {d.def_path for d in stage.deps if not hasattr(d, "params")},
                     "params": params,
                     "outs": {o.def_path for o in stage.outs},
                 }
             return out
-    except (DvcException, OSError, ValueError):
+    except (DvcException, OSError, ValueError) as e:
+        import logging
+
+        logging.getLogger(__name__).warning("doctor: DVC cannot resolve dvc.yaml: %s", e)
         return None
 
 
