@@ -16,6 +16,7 @@ measure stage takes seconds; conf/ is edited and committed, so `dvc exp run` kee
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,7 +35,17 @@ SHIM = Path(__file__).with_name("dvcshim.py")
 ALWAYS_RUN = {"machine"}
 EXPENSIVE = ("data/original", "data/measure", "data/reference", "data/quantized")
 MEASURED = ("data/benchmark/", "data/card/", "data/publish.json", "metrics/headline/")
-WAY_BACK = "tierquant doctor --reset && dvc repro"  # README.md, "The way back"
+
+
+def _readme_way_back() -> str:
+    """The command of README.md's "The way back" (Troubleshooting), verbatim."""
+    text = (REPO / "README.md").read_text()
+    found = re.search(r"\*\*The way back\*\*.*?```bash\n(.*?)\n\s*```", text, re.S)
+    assert found, "README.md has no way back"
+    return found.group(1).strip()
+
+
+WAY_BACK = _readme_way_back()
 
 
 def _ran(output: str) -> set[str]:

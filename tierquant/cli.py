@@ -100,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also put params.yaml back to the committed one (the way back after a failed "
         "experiment: `tierquant doctor --reset && dvc repro`)",
     )
+    doc.add_argument(
+        "--no-cache-check",
+        action="store_true",
+        help="skip rehashing the cache (minutes per 100 GB at 120B; `tierquant cache verify` "
+        "does it on its own)",
+    )
     doc.add_argument("--repo", type=Path, default=None, help="the checkout (default: here)")
     compare = sub.add_parser(
         "compare",
@@ -151,14 +157,14 @@ def cache_verify(repo: Path | None, evict: bool) -> int:
     return 0
 
 
-def doctor(repo: Path | None, reset: bool) -> int:
+def doctor(repo: Path | None, reset: bool, verify_cache: bool = True) -> int:
     """Print what `tierquant.check.doctor.doctor` did and found; 1 if it repaired damage
     (not for --reset's params.yaml, which was asked for)."""
     from tierquant.check.doctor import doctor as run_doctor
     from tierquant.config import project_root
 
     root = Path(repo) if repo else project_root()
-    report = run_doctor(root, reset=reset)
+    report = run_doctor(root, reset=reset, verify_cache=verify_cache)
     for line in report.reset:
         print(f"reset: {line}")
     for line in report.repairs:
@@ -235,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.parse_args(["cache", "--help"])
             return cache_verify(args.repo, evict=not args.no_evict)
         if args.command == "doctor":
-            return doctor(args.repo, reset=args.reset)
+            return doctor(args.repo, reset=args.reset, verify_cache=not args.no_cache_check)
         if args.command == "compare":
             return compare(args.args)
         return run_stage(args.command, args.args)  # pragma: no cover (handled above)
