@@ -272,7 +272,8 @@ def test_interrupts_at_twelve_points_then_doctor_and_repro(good, tmp_path):
     for sig, when in POINTS:
         said = _interrupt(repo, sig, when, tmp_path)
         hits += said.startswith("hit")
-        print(f"{sig.name} at {when}: {said.splitlines()[0]}; ran {sorted(_ran(said))}")
+        outcome, _, printed = said.partition(": ")
+        print(f"{sig.name} at {when}: {outcome}; ran {sorted(_ran(printed))}")
         doc = run([PYTHON, "-m", "tierquant.cli", "doctor"], repo, env=dvc_env(), check=False)
         damaged += "repaired: dvc.lock" in doc.stdout
         assert doc.returncode in (0, 1), doc.stdout + doc.stderr
