@@ -127,9 +127,9 @@ def temporaries(repo: Path) -> list[str]:
 
 def check_cache(repo: Path) -> int:
     """Every object in the DVC cache hashes to its name, and no directory listing names a
-    temporary (tierquant.dvccache, what `tierquant cache verify` runs); returns the number
+    temporary (tierquant.check.cache, what `tierquant cache verify` runs); returns the number
     of objects checked."""
-    from tierquant.dvccache import verify_cache
+    from tierquant.check.cache import verify_cache
 
     report = verify_cache(repo, evict=False, cache_dir=repo / ".dvc" / "cache" / "files" / "md5")
     assert not report.corrupt, [

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import PYTHON, REPO, run, run_stage
 from tierquant import cli
-from tierquant.dvccache import verify_cache
+from tierquant.check.cache import verify_cache
 from tierquant.report.headline import COLUMNS, quality_headline, speed_headline
 
 

@@ -194,5 +194,5 @@ def test_the_checks_see_a_cycle_and_lazy_imports():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
     # a function-level import counts: the CLI imports the cache tool inside a function
-    assert "dvccache" in imports_of(_module_file("cli"))
+    assert "check.cache" in imports_of(_module_file("cli"))
     assert _module_name(_module_file("core.files")) == "core.files"

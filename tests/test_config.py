@@ -134,3 +134,14 @@ def test_recipe_auto_budget_values_are_checked_at_load():
     with pytest.raises(TierquantError, match="tiers"):
         validate(compose([*base, "budget.gib=1", "tiers.q4=5"]))
     validate(compose([*base, "budget.bits_per_weight=3.5"]))
+
+
+@pytest.mark.parametrize(
+    "override", ["budget.gib=1", "budget.bits_per_weight=3.5", "budget.fit.memory_gib=64"]
+)
+def test_a_budget_with_a_hand_recipe_is_refused_at_load(override):
+    """Only recipe=auto reads `budget`: with the seed recipe it would be silently ignored."""
+    with pytest.raises(TierquantError, match=re.escape(override.split("=")[0])) as e:
+        validate(compose([override]))
+    assert "hand recipe" in str(e.value)
+    validate(compose(["budget.router=8"]))  # the router setting has a default: not a budget

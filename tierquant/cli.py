@@ -2,7 +2,7 @@
 
 `tierquant <stage> [key=value ...]` runs `python stages/<stage>.py` of the checkout you
 are in (the same thing `dvc repro` runs for that stage; overrides as in the stage's own
-`--help`). `tierquant cache verify` checks the DVC cache (tierquant.dvccache). The
+`--help`). `tierquant cache verify` checks the DVC cache (tierquant.check.cache). The
 pipeline itself is driven by DVC (`dvc repro`, `dvc exp run`); this command is a thin
 front door over the stage scripts and the library, not a second pipeline.
 """
@@ -21,6 +21,7 @@ from tierquant.report.compare import add_arguments as add_compare_arguments
 # The stages in pipeline order (dvc.yaml), with what each does; tests keep this list
 # equal to stages/*.py.
 STAGES: tuple[tuple[str, str], ...] = (
+    ("check", "every param and cheap input, before any output is removed -> a stamp"),
     ("download", "write data/original: the synthetic tiny model, or a pinned Hub snapshot"),
     ("convert", "by hand only: data/original -> data/float, the exact bf16 export (mlx-lm)"),
     ("plan", "recipe (or recipe=auto: data/measure + budget) + headers -> data/plan/<tier>.json"),
@@ -44,6 +45,13 @@ The stages above are the pipeline's, in order: `dvc repro` runs those the recipe
 `tierquant convert` for data/float). `tierquant <stage> --help` says how to call one.
 
 maintenance:
+  doctor [--reset]     after an interrupted (Ctrl-C, SIGTERM, kill) or failed run: repair
+                       dvc.lock, DVC's rwlock, params.yaml if it does not parse, remove
+                       partial outputs, evict corrupt cache objects, list the outputs that
+                       differ from dvc.lock; exits 1 if it repaired damage. Then `dvc
+                       repro`. --reset also puts params.yaml back to the committed one:
+                       `tierquant doctor --reset && dvc repro` is the way back after a
+                       failed experiment
   cache verify         rehash every DVC cache object, evict the corrupt ones (and the
                        outputs linked to them) so the next `dvc repro` rebuilds them
   compare [options]    one row per experiment (and the workspace, main): what it
@@ -81,6 +89,29 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     verify.add_argument("--no-evict", action="store_true", help="report only, delete nothing")
+    doc = sub.add_parser(
+        "doctor",
+        help="repair the workspace after an interrupted or failed run (then `dvc repro`)",
+        description="Repair what an interrupted or failed `dvc repro`/`dvc exp run` left "
+        "(tierquant.check.doctor says exactly what): a dvc.lock that does not parse or lost "
+        "stages, a corrupt DVC rwlock, partial outputs, corrupt cache objects; list the "
+        "outputs that differ from dvc.lock. Exits 1 if it repaired damage, 0 if there was "
+        "none (--reset's params.yaml is not damage). Then `dvc repro` restores from the "
+        "run-cache or reruns what differs.",
+    )
+    doc.add_argument(
+        "--reset",
+        action="store_true",
+        help="also put params.yaml back to the committed one (the way back after a failed "
+        "experiment: `tierquant doctor --reset && dvc repro`)",
+    )
+    doc.add_argument(
+        "--no-cache-check",
+        action="store_true",
+        help="skip rehashing the cache (minutes per 100 GB at 120B; `tierquant cache verify` "
+        "does it on its own)",
+    )
+    doc.add_argument("--repo", type=Path, default=None, help="the checkout (default: here)")
     add_compare_arguments(
         sub.add_parser(
             "compare",
@@ -114,9 +145,9 @@ def run_stage(name: str, args: list[str]) -> int:
 
 
 def cache_verify(repo: Path | None, evict: bool) -> int:
-    """Print what `tierquant.dvccache.verify_cache` found; 1 if anything was corrupt."""
+    """Print what `tierquant.check.cache.verify_cache` found; 1 if anything was corrupt."""
+    from tierquant.check.cache import verify_cache
     from tierquant.config import project_root
-    from tierquant.dvccache import verify_cache
 
     root = Path(repo) if repo else project_root()
     report = verify_cache(root, evict=evict)
@@ -129,6 +160,30 @@ def cache_verify(repo: Path | None, evict: bool) -> int:
         print(f"error: {len(report.corrupt)} of {report.checked} cache objects {what}")
         return 1
     print(f"cache ok: {report.checked} objects in {report.cache_dir} match their names")
+    return 0
+
+
+def doctor(repo: Path | None, reset: bool, verify_cache: bool = True) -> int:
+    """Print what `tierquant.check.doctor.doctor` did and found; 1 if it repaired damage
+    (not for --reset's params.yaml, which was asked for)."""
+    from tierquant.check.doctor import doctor as run_doctor
+    from tierquant.config import project_root
+
+    root = Path(repo) if repo else project_root()
+    report = run_doctor(root, reset=reset, verify_cache=verify_cache)
+    for line in report.reset:
+        print(f"reset: {line}")
+    for line in report.repairs:
+        print(f"repaired: {line}")
+    for line in report.stale:
+        print(f"differs from dvc.lock: {line}")
+    if report.stale:
+        print("run `dvc repro`: it restores these from the run-cache or reruns them")
+    if report.repaired:
+        print(f"doctor: {len(report.repairs)} repairs")
+        return 1
+    matches = "" if report.stale else "; the workspace matches dvc.lock"
+    print(f"doctor: nothing to repair{matches}")
     return 0
 
 
@@ -188,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.cache_command != "verify":
                 parser.parse_args(["cache", "--help"])
             return cache_verify(args.repo, evict=not args.no_evict)
+        if args.command == "doctor":
+            return doctor(args.repo, reset=args.reset, verify_cache=not args.no_cache_check)
         if args.command == "compare":
             return compare(args)
         return run_stage(args.command, args.args)  # pragma: no cover (handled above)

@@ -83,6 +83,7 @@ class PathsConfig:
     measure_plot: str = "metrics/measure_damage.csv"  # the same, for the dvc plots heatmap
     pareto: str = "metrics/pareto.json"  # this run's (bpw, kld_mean, top-1) for the sweep plot
     sweep: str = "metrics/sweep.json"  # every experiment's point (`tierquant sweep`), for the card
+    check: str = "metrics/checked.txt"  # the check stage's stamp (constant bytes)
 
 
 @dataclass
@@ -214,6 +215,30 @@ def _check_recipe_and_tiers(config: Config) -> None:
     if config.recipe.allocate:
         check_auto_tiers(precisions)
         check_budget(config.budget)
+    else:
+        _refuse_budget_without_allocation(config)
+
+
+def _refuse_budget_without_allocation(config: Config) -> None:
+    """A budget is read only by recipe=auto: given with a hand recipe it would be
+    silently ignored, so it is refused, naming the key."""
+    b = config.budget
+    given = [
+        key
+        for key, value in (
+            ("budget.bits_per_weight", b.bits_per_weight),
+            ("budget.gib", b.gib),
+            ("budget.fit.memory_gib", b.fit.memory_gib),
+            ("budget.fit.context", b.fit.context),
+        )
+        if value is not None
+    ]
+    if given:
+        raise TierquantError(
+            f"params: {given[0]} is set, but recipe {config.recipe.name!r} is a hand recipe "
+            "(recipe.allocate is false), which ignores any budget; use `-S recipe=auto` to "
+            f"allocate to a budget, or drop {given[0]}"
+        )
 
 
 def _check_range(

@@ -45,6 +45,16 @@ def auto_tiers(
     return tiers
 
 
+def fixed_and_total(groups: list[Group], fixed: list[Weight], router: Precision) -> tuple[int, int]:
+    """(bytes of the weights outside every group: bf16, the router at `router`; the
+    model's parameter count): what a budget is resolved and allocated against."""
+    fixed_bits = sum(
+        w.numel * (router if w.kind == "router" else BF16).weight_bits(w.kind) for w in fixed
+    )
+    total_params = sum(w.numel for w in fixed) + sum(w.numel for g in groups for w in g.weights)
+    return int(fixed_bits / 8), total_params
+
+
 def auto_plan(
     *,
     original: Path,
@@ -70,11 +80,7 @@ def auto_plan(
         parse_precision(c, "measure.candidates", group_size) for c in measured["candidates"]
     ]
     router = router_precision(budget.router, group_size)
-    fixed_bits = sum(
-        w.numel * (router if w.kind == "router" else BF16).weight_bits(w.kind) for w in fixed
-    )
-    fixed_bytes = int(fixed_bits / 8)
-    total_params = sum(w.numel for w in fixed) + sum(w.numel for g in groups for w in g.weights)
+    fixed_bytes, total_params = fixed_and_total(groups, fixed, router)
     b = resolve_budget(
         budget,
         shape=shape,
