@@ -21,6 +21,10 @@ def reproduced(tmp_path_factory):
 
 
 ALWAYS_RUN = {"machine"}  # records the machine on every run; unchanged output stops there
+# The check stage (tierquant.check.preflight) imports the budget, tokenizer and damage
+# code to check a run before it starts: an edit there reruns it too, in seconds, and its
+# stamp's bytes never change, so nothing downstream of it reruns for that.
+CHECK = {"check"}
 
 
 def _ran(output: str) -> set[str]:
@@ -54,6 +58,47 @@ def test_dvc_status_is_clean(reproduced):
     proc = run(["dvc", "status"], repo)
     changed = {line[:-1] for line in proc.stdout.splitlines() if line.endswith(":")}
     assert changed <= ALWAYS_RUN, proc.stdout
+
+
+def _changed_stages(repo) -> set[str]:
+    """The stages `dvc status` lists (its unindented lines; the indented ones are changes)."""
+    out = run(["dvc", "status"], repo).stdout
+    return {line[:-1] for line in out.splitlines() if line.endswith(":") and not line[:1].isspace()}
+
+
+@pytest.mark.parametrize(
+    "module, changed",
+    [
+        ("tierquant/plan/allocate.py", set()),  # the knapsack: no seed stage runs it
+        ("tierquant/source/tokenizer.py", {"download"}),  # the tokenizer trainer
+        ("tierquant/plan/handplan.py", {"plan@rules"}),  # a hand recipe's rules
+    ],
+)
+def test_a_code_edit_invalidates_only_the_stages_that_run_it(reproduced, module, changed):
+    """dvc.yaml's code deps are each stage's imports (tests/test_code_deps.py): an edit to
+    one module changes the stages that import it, and DVC reruns from there. Against the
+    workspace's status before the edit."""
+    repo, _ = reproduced
+    path = repo / module
+    text = path.read_text()
+    before = _changed_stages(repo)
+    try:
+        path.write_text(text + "\n# an edit\n")
+        after = _changed_stages(repo)
+    finally:
+        path.write_text(text)
+    assert after - before - ALWAYS_RUN - CHECK == changed, (before, after)
+
+
+def test_the_seed_recipe_runs_no_measure_and_writes_no_float(reproduced):
+    """Only a recipe that allocates measures (dvc.yaml's foreach over
+    recipe.allocation), and the bf16 export is never part of the run."""
+    repo, proc = reproduced
+    ran = _ran(proc.stdout)
+    assert not ran & {"measure@damage", "calibration@damage", "allocate@damage", "convert"}
+    assert "plan@rules" in ran
+    for absent in ("float", "measure", "calibration.npy"):
+        assert not (repo / "data" / absent).exists(), absent
 
 
 UPSTREAM = {"download", "plan@rules"}
@@ -113,37 +158,3 @@ def test_exp_run_attention_6_reruns_only_the_attention_tier_onward(reproduced):
     assert {"quantize@attention", "assemble"} <= ran
     # experts goes back to 3 bits (Hydra recomposes conf/): restored from the run-cache.
     assert not ran & (UPSTREAM | {"quantize@control", "quantize@sensitive", "quantize@experts"})
-
-
-@pytest.mark.parametrize(
-    "module, changed",
-    [
-        ("tierquant/plan/allocate.py", set()),  # the knapsack: no seed stage runs it
-        ("tierquant/source/tokenizer.py", {"download"}),  # the tokenizer trainer
-        ("tierquant/plan/handplan.py", {"plan@rules"}),  # a hand recipe's rules
-    ],
-)
-def test_a_code_edit_invalidates_only_the_stages_that_run_it(reproduced, module, changed):
-    """dvc.yaml's code deps are each stage's imports (tests/test_code_deps.py): an edit to
-    one module changes the stages that import it, and DVC reruns from there."""
-    repo, _ = reproduced
-    path = repo / module
-    text = path.read_text()
-    try:
-        path.write_text(text + "\n# an edit\n")
-        proc = run(["dvc", "status"], repo)
-    finally:
-        path.write_text(text)
-    stages = {line[:-1] for line in proc.stdout.splitlines() if line.endswith(":")}
-    assert stages - ALWAYS_RUN == changed, proc.stdout
-
-
-def test_the_seed_recipe_runs_no_measure_and_writes_no_float(reproduced):
-    """Only a recipe that allocates measures (dvc.yaml's foreach over
-    recipe.allocation), and the bf16 export is never part of the run."""
-    repo, proc = reproduced
-    ran = _ran(proc.stdout)
-    assert not ran & {"measure@damage", "calibration@damage", "allocate@damage", "convert"}
-    assert "plan@rules" in ran
-    for absent in ("float", "measure", "calibration.npy"):
-        assert not (repo / "data" / absent).exists(), absent
