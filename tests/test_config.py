@@ -145,3 +145,14 @@ def test_a_budget_with_a_hand_recipe_is_refused_at_load(override):
         validate(compose([override]))
     assert "hand recipe" in str(e.value)
     validate(compose(["budget.router=8"]))  # the router setting has a default: not a budget
+
+
+def test_conf_defaults_of_recipe_auto_compose_without_a_budget():
+    """The card compares a run with conf/'s defaults for its recipe group: for recipe=auto
+    that composition has no budget (each run gives its own), and must still type."""
+    from tierquant.config import compose_defaults
+
+    defaults = compose_defaults(["recipe=auto"])
+    assert defaults["recipe"]["name"] == "auto" and defaults["budget"]["bits_per_weight"] is None
+    with pytest.raises(TierquantError, match="exactly one budget"):
+        validate(compose(["recipe=auto"]))

@@ -219,10 +219,12 @@ def test_two_repro_at_once_second_refuses(chain, runs, reference, tmp_path):
     said = second.stdout + second.stderr
     assert "is busy" in said or "Unable to acquire lock" in said, said
     assert "Traceback" not in said
-    # The first completed intact: the whole pipeline, byte-identical to run A.
+    # The first completed intact: the whole pipeline, byte-identical to run A (less A's
+    # bf16 export, data/float, which no stage of the pipeline writes).
     got = digest_tree(chain)
-    assert sorted(got) == sorted(reference)
-    assert _deterministic(chain, got) == _deterministic(runs[0], reference)
+    pipeline = {p: d for p, d in reference.items() if not p.startswith("data/float/")}
+    assert sorted(got) == sorted(pipeline)
+    assert _deterministic(chain, got) == _deterministic(runs[0], pipeline)
     status = run(["dvc", "status"], chain, env=dvc_env()).stdout
     assert {line[:-1] for line in status.splitlines() if line.endswith(":")} <= ALWAYS_RUN
     check_cache(chain)

@@ -147,8 +147,10 @@ class Config:
         return parse_tiers(self.tiers, self.quant.group_size)
 
 
-def validate(cfg: DictConfig | dict) -> Config:
-    """Merge `cfg` onto the schema: unknown keys and wrong types raise, naming the key."""
+def validate(cfg: DictConfig | dict, *, runnable: bool = True) -> Config:
+    """Merge `cfg` onto the schema: unknown keys and wrong types raise, naming the key.
+    `runnable=False` types a composition that is not itself a run (conf/'s defaults for
+    `recipe=auto`, which has no budget yet): the budget's presence is not required."""
     schema = OmegaConf.structured(Config)
     try:
         merged = OmegaConf.merge(schema, cfg)
@@ -159,7 +161,7 @@ def validate(cfg: DictConfig | dict) -> Config:
             f"params: invalid config{f' key {key!r}' if key else ''}: {_first_line(e)}. "
             "Check params.yaml / conf/ or your key=value override."
         ) from None
-    _check_semantics(config)
+    _check_semantics(config, runnable=runnable)
     return config
 
 
@@ -167,23 +169,18 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _check_semantics(config: Config) -> None:
+def _check_semantics(config: Config, *, runnable: bool = True) -> None:
     _check_eval(config.eval)
     _check_eval(config.calibration, "calibration")
     _check_benchmark(config.benchmark)
     _check_memory(config.memory)
     _check_validate(config.validate)
     _check_model_sizes(config.model)
-    _check_recipe_and_tiers(config)
+    _check_recipe_and_tiers(config, runnable=runnable)
     model = config.model
     if model.source == "synthetic":
         if model.synthetic is None:
             raise TierquantError("params: model.source is 'synthetic' but model.synthetic is null")
-        if model.synthetic.weights not in SYNTHETIC_WEIGHTS:
-            raise TierquantError(
-                f"params: model.synthetic.weights must be one of {SYNTHETIC_WEIGHTS}, "
-                f"got {model.synthetic.weights!r}"
-            )
         if model.synthetic.weights not in SYNTHETIC_WEIGHTS:
             raise TierquantError(
                 f"params: model.synthetic.weights must be one of {SYNTHETIC_WEIGHTS}, "
@@ -203,7 +200,7 @@ def _check_semantics(config: Config) -> None:
         )
 
 
-def _check_recipe_and_tiers(config: Config) -> None:
+def _check_recipe_and_tiers(config: Config, *, runnable: bool = True) -> None:
     """Type the recipe's rules, check their values, and parse every tier's precision."""
     if config.recipe.tiers:
         config.recipe.tiers = typed_rules(config.recipe.tiers)
@@ -214,8 +211,9 @@ def _check_recipe_and_tiers(config: Config) -> None:
     router_precision(config.budget.router, group_size)
     if config.recipe.allocate:
         check_auto_tiers(precisions)
-        check_budget(config.budget)
-    else:
+        if runnable:
+            check_budget(config.budget)
+    elif runnable:
         _refuse_budget_without_allocation(config)
 
 
@@ -337,7 +335,7 @@ def compose_defaults(overrides: list[str] | None = None) -> dict[str, Any]:
     backup = get_gh_backup()
     GlobalHydra.instance().clear()
     try:
-        return config_dict(validate(compose(overrides)))
+        return config_dict(validate(compose(overrides), runnable=False))
     finally:
         restore_gh_from_backup(backup)
 
