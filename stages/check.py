@@ -3,7 +3,7 @@
 import dataclasses
 from pathlib import Path
 
-from tierquant.check.preflight import preflight
+from tierquant.check.preflight import ModelSource, preflight
 from tierquant.config import Config
 from tierquant.stage import stage_main
 
@@ -14,13 +14,15 @@ def run(config: Config) -> None:
     calibration texts → the stamp paths.check (its bytes never change)."""
     model = config.model
     preflight(
-        source=model.source,
-        synthetic=model.synthetic,
-        repo_id=model.repo_id,
-        revision=model.revision,
-        download_params=dataclasses.asdict(model),
-        original=Path(config.paths.original),
-        lock=Path("dvc.lock"),
+        model=ModelSource(
+            source=model.source,
+            synthetic=model.synthetic,
+            repo_id=model.repo_id,
+            revision=model.revision,
+            download_params=dataclasses.asdict(model),
+            original=Path(config.paths.original),
+            lock=Path("dvc.lock"),
+        ),
         eval_set=config.eval,
         calibration=config.calibration,
         candidates=list(config.measure.candidates),

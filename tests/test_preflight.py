@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tierquant.check.preflight import STAMP, preflight
+from tierquant.check.preflight import STAMP, ModelSource, preflight
 from tierquant.config import compose, validate
 from tierquant.errors import TierquantError
 
@@ -19,13 +19,15 @@ def _check(tmp_path: Path, *overrides: str) -> Path:
     model = config.model
     out = tmp_path / "checked.txt"
     preflight(
-        source=model.source,
-        synthetic=model.synthetic,
-        repo_id=model.repo_id,
-        revision=model.revision,
-        download_params=dataclasses.asdict(model),
-        original=tmp_path / "no-original",
-        lock=tmp_path / "no-dvc.lock",
+        model=ModelSource(
+            source=model.source,
+            synthetic=model.synthetic,
+            repo_id=model.repo_id,
+            revision=model.revision,
+            download_params=dataclasses.asdict(model),
+            original=tmp_path / "no-original",
+            lock=tmp_path / "no-dvc.lock",
+        ),
         eval_set=config.eval,
         calibration=config.calibration,
         candidates=list(config.measure.candidates),

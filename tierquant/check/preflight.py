@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +63,22 @@ STAMP = b"tierquant check: params and inputs checked before any output is remove
 DOWNLOAD_PARAMS = ("source", "repo_id", "revision", "allow_patterns", "synthetic")
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the run's original comes from (params `model.*`), and where it lands."""
+
+    source: str
+    synthetic: SyntheticSpec | None
+    repo_id: str | None
+    revision: str | None
+    download_params: dict[str, Any]  # every `model.*` param, as dvc.lock records them
+    original: Path  # paths.original
+    lock: Path  # dvc.lock, which says what data/original was downloaded with
+
+
 def preflight(
     *,
-    source: str,
-    synthetic: SyntheticSpec | None,
-    repo_id: str | None,
-    revision: str | None,
-    download_params: dict[str, Any],
-    original: Path,
-    lock: Path,
+    model: ModelSource,
     eval_set: EvalSet,
     calibration: CalibrationSet,
     candidates: list[Any],
@@ -86,22 +94,13 @@ def preflight(
     _check_text_files(eval_set, "eval")
     _check_text_files(calibration, "calibration")
     with tempfile.TemporaryDirectory(prefix="tierquant-check-") as tmp:
-        model_dir = _model_side_files(
-            source=source,
-            synthetic=synthetic,
-            repo_id=repo_id,
-            revision=revision,
-            download_params=download_params,
-            original=Path(original),
-            lock=Path(lock),
-            scratch=Path(tmp),
-        )
+        model_dir = _model_side_files(model, scratch=Path(tmp))
         if model_dir is None:
             log.warning(
                 "check: no config.json/tokenizer of %s@%s at hand (Hub unreachable): "
                 "the group-size, budget and text-length checks are left to the stages",
-                repo_id,
-                revision,
+                model.repo_id,
+                model.revision,
             )
         else:
             config = read_json(model_dir / "config.json")
@@ -138,25 +137,16 @@ def _check_text_files(ts: TextSet, section: str) -> None:
 # --- the model, without its weights -----------------------------------------------------
 
 
-def _model_side_files(
-    *,
-    source: str,
-    synthetic: SyntheticSpec | None,
-    repo_id: str | None,
-    revision: str | None,
-    download_params: dict[str, Any],
-    original: Path,
-    lock: Path,
-    scratch: Path,
-) -> Path | None:
+def _model_side_files(model: ModelSource, scratch: Path) -> Path | None:
     """A folder holding the config.json and tokenizer files of the original the run will
     have; None when they cannot be had cheaply (a Hub model, offline, not downloaded)."""
-    if source == "synthetic":
-        assert synthetic is not None  # tierquant.config checks it
-        return _synthetic_side_files(synthetic, scratch)
-    if (original / "config.json").is_file() and _downloaded_with(lock, download_params):
+    if model.source == "synthetic":
+        assert model.synthetic is not None  # tierquant.config checks it
+        return _synthetic_side_files(model.synthetic, scratch)
+    original = model.original
+    if (original / "config.json").is_file() and _downloaded_with(model.lock, model.download_params):
         return original
-    return _hub_side_files(repo_id, revision, scratch)
+    return _hub_side_files(model.repo_id, model.revision, scratch)
 
 
 def _synthetic_side_files(spec: SyntheticSpec, dest: Path) -> Path:
