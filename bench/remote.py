@@ -5,8 +5,8 @@ with N layers (default 2) becomes a bare origin; machine A clones it, runs the f
 `dvc repro validate` (download → convert → plan → predict → quantize@tiers → assemble →
 reference → validate; benchmarks off, as bench/pipeline.py), `dvc push --run-cache` to
 a local S3 server (moto, as in the tests: tests/s3server.py) and pushes its lock; A's
-clone is then deleted (disk); machine B clones the origin and runs README "Sharing the
-cache between machines" for the same target: `dvc pull --run-cache --with-deps
+clone is then deleted (disk); machine B clones the origin and runs docs/cache.md's "Sharing
+the cache between machines" for the same target: `dvc pull --run-cache --with-deps
 validate`, then `dvc repro validate`, which must run no stage. Prints per step wall
 time, peak RSS of the process tree and bytes written, and pull + repro as a fraction of
 the full repro. The S3 server is on the same

@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-BUCKET = "my-bucket"  # the bucket of README "Sharing the cache between machines"
+BUCKET = "my-bucket"  # the bucket of docs/cache.md, "Sharing the cache between machines"
 REGION = "us-east-1"
 _SETUP_REQUESTS = 4  # create_user, create_access_key, put_user_policy, create_bucket
 

@@ -30,3 +30,25 @@ def test_quantize_bench_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "outputs identical, and identical to mlx-lm's" in done.stdout
     assert workdir.is_dir() and not any(workdir.iterdir())
+
+
+def test_mac_predictions_are_the_ones_benchmarks_md_quotes():
+    """bench/mac.py (headers only: seconds) prints the predicted Mac tables that
+    BENCHMARKS.md quotes: the seed's size and bytes per token, the 64 GiB fit row and
+    the 400 GB/s bounds."""
+    done = subprocess.run(
+        [sys.executable, "bench/mac.py"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    doc = (REPO / "BENCHMARKS.md").read_text()
+    for quoted in (
+        "seed recipe: 51,949,344,384 bytes (48.38 GiB), 3.557 bits/weight; 2.805 GB",
+        "original: 65,248,815,744 bytes (60.77 GiB), 4.468 bits/weight; 5.003 GB",
+        "seed recipe: 9,811,241,088 bytes (9.14 GiB), 3.753 bits/weight; 2.013 GB",
+        "| 64 GiB | 48 / 56 GiB | 0 | 131,072 | 0 | 0 |",
+        "| M2 Max | 400 | 140 | 135 | 79 | 78 |",
+    ):
+        assert quoted in out, (quoted, out)
+    assert "| 64 GiB | 48 / 56 GiB | 0 | 131,072 | 0 | 0 |" in doc
+    assert "| M1 Max, M2 Max, M3 Max (40-core GPU) | 400 | 140 | 135 | 79 | 78 |" in doc

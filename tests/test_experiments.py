@@ -1,5 +1,6 @@
 """A newcomer's session with DVC on one repo copy: the headline in `dvc exp show`, the
-cache check repairing an in-place edit, every README `dvc exp run`, failed experiments."""
+cache check repairing an in-place edit, every documented `dvc exp run` (README.md and
+docs/), failed experiments."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import re
 
 import pytest
 
-from tests.conftest import PYTHON, REPO, copy_repo, run
+from tests.conftest import PYTHON, copy_repo, run
+from tests.docs import bash_blocks, doc_pages
 
 pytestmark = pytest.mark.slow
 
@@ -91,16 +93,19 @@ def test_cache_verify_evicts_an_in_place_edit_and_repro_restores(repo):
 
 
 def _documented_exp_runs() -> list[list[str]]:
-    """Every `dvc exp run` in the README's code blocks that applies to the default model
-    (not shell templates: lines with a `$` expansion, e.g. the Pareto sweep's loop)."""
-    text = (REPO / "README.md").read_text()
+    """Every `dvc exp run` in the code blocks of README.md and docs/*.md that applies to
+    the default model (not shell templates: lines with a `$` expansion, e.g. the Pareto
+    sweep's loop), each once, in the order the pages give them."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.splitlines():
-            line = line.split("#")[0].strip()
-            literal = "&&" not in line and "$" not in line
-            if line.startswith("dvc exp run") and "model=" not in line and literal:
-                commands.append(line.split()[1:])
+    for page in doc_pages():
+        for block in bash_blocks(page.read_text()):
+            for line in block.splitlines():
+                line = line.split("#")[0].strip()
+                literal = "&&" not in line and "$" not in line
+                default_model = "model=" not in line
+                cmd = line.split()[1:]
+                if line.startswith("dvc exp run") and default_model and literal:
+                    commands += [cmd] if cmd not in commands else []
     return commands
 
 
@@ -117,7 +122,7 @@ def test_every_documented_exp_run_passes(repo):
     (repo.parent / "exp_runs.json").write_text(json.dumps(logs))
 
 
-# The README's experiments (test above), as `tierquant compare` names them.
+# The documented experiments (test above), as `tierquant compare` names them.
 COMPARE_NAMES = (
     "experts=4",
     "experts=mxfp4",

@@ -1,6 +1,6 @@
 """Nothing lost (#27): a refused run removes no output, a failed one leaves the expensive
-outputs usable, an interrupted one is repaired by `tierquant doctor`, and the README's
-way back works. RELIABILITY.md lists each case beside its test.
+outputs usable, an interrupted one is repaired by `tierquant doctor`, and the docs'
+way back (docs/troubleshooting.md) works. RELIABILITY.md lists each case beside its test.
 
 Two throwaway copies of the repo (small calibration set, `shrink_calibration`, so the
 measure stage takes seconds; conf/ is edited and committed, so `dvc exp run` keeps it):
@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from tests.conftest import PYTHON, REPO, copy_repo, run, shrink_calibration
+from tests.docs import doc_pages
 from tests.faults import digest_tree, dvc_env, locked_stages, temporaries
 
 pytestmark = pytest.mark.faults
@@ -38,11 +39,18 @@ MEASURED = ("data/benchmark/", "data/card/", "data/publish.json", "metrics/headl
 
 
 def _readme_way_back() -> str:
-    """The command of README.md's "The way back" (Troubleshooting), verbatim."""
-    text = (REPO / "README.md").read_text()
-    found = re.search(r"\*\*The way back\*\*.*?```bash\n(.*?)\n\s*```", text, re.S)
-    assert found, "README.md has no way back"
-    return found.group(1).strip()
+    """The command of "The way back" (docs/troubleshooting.md), verbatim: the one command
+    that every page giving it (README.md, docs/*.md) gives."""
+    found = set()
+    for page in doc_pages():
+        text = page.read_text()
+        found |= {
+            m.strip()
+            for m in re.findall(r"\*\*The way back\*\*.*?```bash\n(.*?)\n\s*```", text, re.S)
+        }
+    assert found, "no page of the docs has a way back"
+    assert len(found) == 1, found
+    return found.pop()
 
 
 WAY_BACK = _readme_way_back()
@@ -95,7 +103,7 @@ def good(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 
 def _way_back(repo: Path) -> str:
-    """The README's way back, verbatim, through a shell."""
+    """The docs' way back, verbatim, through a shell."""
     env = dvc_env()
     proc = subprocess.run(WAY_BACK, shell=True, cwd=repo, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,7 +1,7 @@
 """A DVC remote on S3, end to end: the real DVC client with dvc-s3 against a real S3
 server (moto's standalone server, tests/s3server.py), no mocks inside DVC.
 
-One "machine A" run is shared by the module: a clone of a bare origin runs README
+One "machine A" run is shared by the module: a clone of a bare origin runs docs/cache.md's
 "Sharing the cache between machines" verbatim (its `bash` blocks, minus the `pip
 install` lines: the venv running the tests has the extra already, and an editable
 install from a temporary clone would repoint the package at it), i.e. `dvc repro`,
@@ -24,6 +24,7 @@ from hubserver import LocalHub
 from s3server import BUCKET, S3Server, clear_aws_env
 
 from tests.conftest import PYTHON, copy_repo, run
+from tests.docs import bash_blocks, section
 
 pytestmark = [pytest.mark.slow, pytest.mark.remote]
 
@@ -38,10 +39,10 @@ GIT_ID = {
 
 
 def readme_blocks() -> list[str]:
-    """The `bash` blocks of README's remote section, without `pip install` lines."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Sharing the cache between machines", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    """The `bash` blocks of the docs' remote section (docs/cache.md, "Sharing the cache
+    between machines"), without `pip install` lines."""
+    blocks = bash_blocks(section("## Sharing the cache between machines"))
+    assert len(blocks) == 3, blocks  # set up, compute + push, pull + repro
     return [
         "\n".join(line for line in b.splitlines() if not line.startswith("pip install"))
         for b in blocks
@@ -98,8 +99,8 @@ def s3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def machine_a(s3, tmp_path_factory):
-    """README's first two blocks in a clone of a bare origin: remote set up, `dvc repro`,
-    `dvc push --run-cache`, lock committed and pushed to the origin."""
+    """The docs' first two remote blocks in a clone of a bare origin: remote set up,
+    `dvc repro`, `dvc push --run-cache`, lock committed and pushed to the origin."""
     root = tmp_path_factory.mktemp("machines")
     src = copy_repo(root / "src")
     run(["git", "clone", "-q", "--bare", str(src), str(root / "origin.git")], root)
@@ -119,7 +120,7 @@ def clone(machine_a, name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def machine_b(machine_a, s3):
-    """A fresh clone (empty cache, no data/) after README's third block."""
+    """A fresh clone (empty cache, no data/) after the docs' third remote block."""
     b = clone(machine_a, "b")
     assert not (b / "data" / "original").exists() and not cache_objects(b)
     proc = sh(readme_blocks()[2], b, s3)
@@ -281,7 +282,7 @@ def test_wrong_credentials_or_missing_bucket_write_nothing(machine_a, s3):
     assert _snapshot(d) == before
     assert not (d / "data" / "original").exists() and not cache_objects(d)
 
-    # A keeps its credentials in .dvc/config.local (README), which DVC prefers to the
+    # A keeps its credentials in .dvc/config.local (docs/cache.md), which DVC prefers to the
     # environment: a second remote there, same URL, wrong secret
     a = machine_a.path
     dvc(["remote", "add", "--local", "badkey", f"s3://{BUCKET}/tierquant"], a, s3)
@@ -324,7 +325,7 @@ def test_release_workflow_steps_run_against_the_remote_and_hub(machine_a, s3, tm
     workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "release.yml").read_text())
     (job,) = workflow["jobs"].values()
     r = clone(machine_a, "release")
-    # README "Release automation": name the Hub namespace in conf/ and commit
+    # docs/publishing.md, "Release automation": name the Hub namespace in conf/ and commit
     config = r / "conf" / "config.yaml"
     config.write_text(config.read_text().replace("namespace: null", "namespace: tester", 1))
     run([PYTHON, "-m", "tierquant.config", "--write"], r)

@@ -30,7 +30,7 @@ is written the same way. Stage outputs themselves appear whole or not at all
    otherwise, with outputs byte-identical to an uninterrupted run.
 
 It does not run the pipeline: `dvc repro` after it does (with `reset`, `tierquant
-doctor --reset && dvc repro` is the README's way back).
+doctor --reset && dvc repro` is the way back, docs/troubleshooting.md).
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ through the identity path plus the later layers' (small) response to it; this ke
 identity path and the head's full non-linearity (softmax, norm), and drops the later
 layers' response. `lm_head` is measured exactly (the head itself quantized on h_L), and
 `embed_tokens` by its δ at the first layer's input. The damages of several groups add:
-the plan's predicted damage is their sum, and the README compares it with validate's
-measured kld_mean. Cost: two reference forwards plus one layer run and one head pass per
+the plan's predicted damage is their sum, and docs/allocation.md compares it with
+validate's measured kld_mean. Cost: two reference forwards plus one layer run and one head pass per
 (group, candidate) — about 27 layer-forwards per layer at 120B instead of 900 model
 forwards — with one layer's weights resident (tierquant.quality.stream), the calibration set's
 h_i, h_{i+1} and h_L carried.

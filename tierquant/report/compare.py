@@ -26,7 +26,8 @@ from typing import Any
 
 from tierquant.errors import TierquantError
 
-# Validate's gate thresholds: all null is the README's NOGATE sweep, named "no gate".
+# Validate's gate thresholds: all null is the docs' NOGATE sweep (docs/experiments.md),
+# named "no gate".
 GATE_KEYS = ("kld_mean_max", "kld_p99_max", "top1_min", "ppl_ratio_max")
 # Params sections that are never a knob of an experiment (where files go, publishing).
 IGNORED_SECTIONS = ("paths", "publish")
