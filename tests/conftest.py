@@ -17,6 +17,25 @@ REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 
+# The test files that take longest (minutes: each drives `dvc` through whole pipelines on a
+# repo copy), longest first. They are handed to the two xdist workers first, so that the
+# suite's wall time is not one long file started last (--no-loadscope-reorder).
+LONGEST_FIRST = (
+    "test_experiments_auto.py",
+    "test_experiments.py",
+    "test_remote.py",
+    "test_nothing_lost.py",
+    "test_auto_pipeline.py",
+    "test_faults.py",
+    "test_pipeline.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def tiny_spec(**changes) -> SyntheticSpec:
     """The `tiny` model of conf/model/tiny.yaml, with changes."""
     from tierquant.config import compose
@@ -137,9 +156,24 @@ def shrink_calibration(repo: Path, num_windows: int = 2, window_length: int = 32
     tail = re.sub(r"num_windows: \d+", f"num_windows: {num_windows}", tail, count=1)
     tail = re.sub(r"window_length: \d+", f"window_length: {window_length}", tail, count=1)
     conf.write_text(head + "calibration:\n" + tail)
+    _commit_conf(repo, "small calibration set")
+
+
+def fast_benchmark(repo: Path) -> None:
+    """Make a repo copy's benchmark stage take a second instead of ~12 (one short context,
+    one trial: the same code paths, the tok/s only noisier; conf/ + params.yaml,
+    committed, so `dvc exp run -S` keeps it)."""
+    (repo / "conf" / "model_benchmark" / "tiny.yaml").write_text(
+        "# @package benchmark\ncontexts:\n  - 16\ngenerate_tokens: 4\ntrials: 1\n"
+        "warmup: 0\nprobe_mib: 8\n"
+    )
+    _commit_conf(repo, "fast benchmark")
+
+
+def _commit_conf(repo: Path, message: str) -> None:
     run([PYTHON, "-m", "tierquant.config", "--write"], repo)
     git = ["git", "-c", "user.name=tierquant", "-c", "user.email=tierquant@localhost"]
-    run([*git, "commit", "-qam", "small calibration set"], repo)
+    run([*git, "commit", "-qam", message], repo)
 
 
 @pytest.fixture
