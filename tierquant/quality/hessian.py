@@ -82,10 +82,13 @@ class LayerInputs:
         """Tokens the router sent to `expert` on the calibration windows."""
         return int(np.count_nonzero(self.expert_ids == expert))
 
-    def hessian(self, kind: str, expert: int | None = None) -> np.ndarray:
+    def hessian(
+        self, kind: str, expert: int | None = None, alpha: float | None = None
+    ) -> np.ndarray:
         """H (float64, in × in) for a matrix of `kind` (q/k/v/o_proj, gate/up/down_proj);
         an expert matrix's for `expert`: per-token mean, blended with the layer's pooled
-        one by the routed-token count (module docstring)."""
+        one by the routed-token count (module docstring). `alpha` overrides the blend's
+        weight on the expert's own Hessian (bench/gptq_experts.py compares them)."""
         if kind in ATTENTION_IN:
             return _sum_xtx(self.attention)
         if kind == "o_proj":
@@ -96,9 +99,10 @@ class LayerInputs:
         pooled = _mean_xtx(rows)
         own = rows[self.expert_ids == expert]
         n, width = own.shape[0], rows.shape[1]
-        if n == 0:
+        if alpha is None:
+            alpha = n / (n + width)
+        if n == 0 or alpha == 0:
             return pooled
-        alpha = n / (n + width)
         return alpha * _mean_xtx(own) + (1 - alpha) * pooled
 
     @classmethod
