@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,8 @@ class LayerInputs:
     experts: np.ndarray  # [R, hidden]: gate/up input, one row per (token, routed expert)
     down_proj: np.ndarray  # [R, intermediate]: down's input, same rows
     expert_ids: np.ndarray  # [R]
+    # the layer's pooled per-token Hessians, made once (gate/up input, down input)
+    pooled: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def routed(self, expert: int) -> int:
         """Tokens the router sent to `expert` on the calibration windows."""
@@ -93,10 +95,13 @@ class LayerInputs:
             return _sum_xtx(self.attention)
         if kind == "o_proj":
             return _sum_xtx(self.o_proj)
-        rows = self.experts if kind in EXPERT_IN else self.down_proj
         if kind not in (*EXPERT_IN, "down_proj") or expert is None:
             raise ValueError(f"no Hessian for kind {kind!r} (expert {expert})")
-        pooled = _mean_xtx(rows)
+        key = "experts" if kind in EXPERT_IN else "down_proj"
+        rows = self.experts if key == "experts" else self.down_proj
+        if key not in self.pooled:
+            self.pooled[key] = _mean_xtx(rows)
+        pooled = self.pooled[key]
         own = rows[self.expert_ids == expert]
         n, width = own.shape[0], rows.shape[1]
         if alpha is None:
