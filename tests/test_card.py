@@ -345,6 +345,8 @@ def test_card_says_which_rounding_on_what_calibration_text(run_dir: Path) -> Non
     tokens = cal.num_windows * cal.window_length
     assert "Rounding: GPTQ" in text and f"{tokens:,} calibration tokens" in text
     assert "tierquant/assets/corpus.txt" in text
+    # the lists conf/ derives from quant.rounding are not overrides of their own
+    assert "-S quant.rounding=gptq\n" in text and "quant.stages" not in text
 
 
 def test_card_states_an_original_that_does_not_fit(run_dir: Path, tmp_path: Path) -> None:
