@@ -75,11 +75,11 @@ def _dequantized(tier_dir: Path, module: str, bits: int, group: int, expert=None
     return dequantize(*parts, bits=bits, group_size=group)
 
 
-def test_gptq_objective_on_calibration_inputs_at_most_rtn_for_every_module(
+def test_gptq_objective_on_calibration_inputs_at_most_rtn_for_every_module_and_expert(
     gptq_model, models, tiny_original
 ):
-    """‖X (W − Ŵ)ᵀ‖² on the module's own calibration inputs X (each expert: the tokens
-    routed to it), summed over the module's experts: GPTQ's ≤ rtn's for every module."""
+    """‖X (W − Ŵ)ᵀ‖² on the module's own calibration inputs X: GPTQ's ≤ rtn's for every
+    module, and for every expert of an expert module on the tokens routed to it."""
     config, _ = gptq_model
     _, rtn_model, _ = models()
     precisions = config.precisions()
@@ -103,7 +103,6 @@ def test_gptq_objective_on_calibration_inputs_at_most_rtn_for_every_module(
             for w in (w for w in weights if w.layer == inputs.layer):
                 p = precisions[tiers[w.module]]
                 tier = tiers[w.module]
-                ours = rtn = 0.0
                 experts = range(w.shape[0]) if w.kind in EXPERT_KINDS else [None]
                 for e in experts:
                     if e is None:
@@ -114,11 +113,11 @@ def test_gptq_objective_on_calibration_inputs_at_most_rtn_for_every_module(
                         rows = inputs.experts if w.kind != "down_proj" else inputs.down_proj
                         x = rows[inputs.expert_ids == e]
                     args = (w.module, p.bits, p.group_size, e)
-                    ours += objective(ref, _dequantized(quantized / tier, *args), x)
-                    rtn += objective(ref, _dequantized(rtn_quantized / tier, *args), x)
-                assert ours <= rtn, (w.module, ours, rtn)
-                checked += 1
-    assert checked == len(weights) > 0
+                    ours = objective(ref, _dequantized(quantized / tier, *args), x)
+                    rtn = objective(ref, _dequantized(rtn_quantized / tier, *args), x)
+                    assert ours <= rtn, (w.module, e, ours, rtn)
+                    checked += 1
+    assert checked == sum(w.shape[0] if w.kind in EXPERT_KINDS else 1 for w in weights) > 0
 
 
 @pytest.mark.slow
