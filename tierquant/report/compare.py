@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tierquant.errors import TierquantError
+from tierquant.report.provenance import DERIVED_PARAMS
 
 # Validate's gate thresholds: all null is the README's NOGATE sweep, named "no gate".
 GATE_KEYS = ("kld_mean_max", "kld_p99_max", "top1_min", "ppl_ratio_max")
@@ -188,6 +189,8 @@ def change_name(
         if model_changed and section in MODEL_SECTIONS:
             continue
         if key == "model.name" or (no_gate and key.removeprefix("validate.") in GATE_KEYS):
+            continue
+        if key.startswith(DERIVED_PARAMS):  # follow quant.rounding (and the tiers)
             continue
         if flat.get(key) != base_flat.get(key):
             short = key.removeprefix("quant.")
