@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from tierquant.config import Config, compose_defaults, config_dict, project_root
-from tierquant.report.card import CardInputs, SourceModel, build_card
+from tierquant.quality.evalset import text_description
+from tierquant.report.card import CardInputs, Rounding, SourceModel, build_card
 from tierquant.report.provenance import build_provenance
 from tierquant.stage import stage_main
 
@@ -35,6 +36,12 @@ def run(config: Config) -> Path:
         ),
         recipe_name=config.recipe.name,
         group_size=config.quant.group_size,
+        rounding=Rounding(
+            method=config.quant.rounding,
+            calibration_text=text_description(config.calibration),
+            calibration_windows=config.calibration.num_windows,
+            window_length=config.calibration.window_length,
+        ),
         chips=dict(config.benchmark.chips),
         provenance=build_provenance(
             config_dict(config), root=project_root(), defaults_of=compose_defaults

@@ -338,6 +338,17 @@ def test_a_hand_recipe_without_a_sweep_says_neither(run_dir: Path) -> None:
     assert "Bits allocated by measurement" not in text and "size/quality curve" not in text
 
 
+def test_card_says_which_rounding_on_what_calibration_text(run_dir: Path) -> None:
+    assert "Rounding: round to nearest" in build_card(_config(run_dir)).read_text()
+    text = build_card(_config(run_dir, "quant.rounding=gptq")).read_text()
+    cal = _config(run_dir).calibration
+    tokens = cal.num_windows * cal.window_length
+    assert "Rounding: GPTQ" in text and f"{tokens:,} calibration tokens" in text
+    assert "tierquant/assets/corpus.txt" in text
+    # the lists conf/ derives from quant.rounding are not overrides of their own
+    assert "-S quant.rounding=gptq\n" in text and "quant.stages" not in text
+
+
 def test_card_states_an_original_that_does_not_fit(run_dir: Path, tmp_path: Path) -> None:
     """The seed card's own row: on a machine too small for the original, the benchmark
     records "does not fit: X GiB > Y GiB" and the card shows it in the original's column."""

@@ -156,3 +156,17 @@ def test_conf_defaults_of_recipe_auto_compose_without_a_budget():
     assert defaults["recipe"]["name"] == "auto" and defaults["budget"]["bits_per_weight"] is None
     with pytest.raises(TierquantError, match="exactly one budget"):
         validate(compose(["recipe=auto"]))
+
+
+def test_quant_rounding_is_checked_at_load_naming_the_key():
+    """quant.rounding: rtn (default) or gptq; the stage lists dvc.yaml reads are derived
+    from it, and params that disagree (params.yaml edited by hand) are refused."""
+    assert validate(compose()).quant.rounding == "rtn"
+    gptq = validate(compose(["quant.rounding=gptq"])).quant
+    assert gptq.stages["quantize"] == [] and gptq.stages["calibration"] == ["windows"]
+    with pytest.raises(TierquantError, match="quant.rounding"):
+        validate(compose(["quant.rounding=awq"]))
+    stale = compose()
+    stale["quant"]["rounding"] = "gptq"  # the derived lists still say rtn
+    with pytest.raises(TierquantError, match="quant.rounding"):
+        validate(stale)

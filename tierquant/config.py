@@ -94,11 +94,19 @@ class MeasureConfig:
     candidates: list[Any] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8, "mxfp4"])
 
 
+ROUNDINGS = ("rtn", "gptq")
+
+
 @dataclass
 class QuantConfig:
     """Affine quantization settings shared by every integer-bits tier."""
 
     group_size: int = 64  # 32, 64 or 128 (mx.quantize)
+    rounding: str = "rtn"  # rtn (mx.quantize) | gptq (tierquant.build.gptq)
+    # dvc.yaml's foreach lists for the rounding, derived in conf/config.yaml
+    # (`stages: ${quant.by_rounding.${quant.rounding}}`); checked by `_check_rounding`
+    stages: dict[str, list[str]] = field(default_factory=dict)
+    by_rounding: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -177,6 +185,7 @@ def _check_semantics(config: Config, *, runnable: bool = True) -> None:
     _check_validate(config.validate)
     _check_model_sizes(config.model)
     _check_recipe_and_tiers(config, runnable=runnable)
+    _check_rounding(config)
     model = config.model
     if model.source == "synthetic":
         if model.synthetic is None:
@@ -215,6 +224,32 @@ def _check_recipe_and_tiers(config: Config, *, runnable: bool = True) -> None:
             check_budget(config.budget)
     elif runnable:
         _refuse_budget_without_allocation(config)
+
+
+def _check_rounding(config: Config) -> None:
+    """quant.rounding is one of ROUNDINGS, GPTQ can write every affine tier's bits, and
+    the stage lists derived from it (quant.stages) are the ones for it: params.yaml
+    edited by hand, or `python stages/x.py quant.rounding=...`, would otherwise run the
+    other rounding's stages (or GPTQ without its calibration dependency)."""
+    quant = config.quant
+    if quant.rounding not in ROUNDINGS:
+        raise TierquantError(
+            f"params: quant.rounding must be one of {', '.join(ROUNDINGS)}, got {quant.rounding!r}"
+        )
+    if quant.rounding == "gptq":
+        for tier, precision in config.precisions().items():
+            if precision.mode == "affine" and precision.bits == 1:
+                raise TierquantError(
+                    f"params: quant.rounding is gptq but tiers.{tier} is 1 bit, which GPTQ "
+                    "does not write (MLX's 1-bit affine rule is not reproduced); use rtn"
+                )
+    expected = quant.by_rounding.get(quant.rounding)
+    if quant.by_rounding and quant.stages != expected:
+        raise TierquantError(
+            f"params: quant.stages {dict(quant.stages)} is not what quant.rounding="
+            f"{quant.rounding!r} derives ({expected}): recompose params.yaml "
+            "(`python -m tierquant.config --write`, or `dvc exp run -S quant.rounding=...`)"
+        )
 
 
 def _refuse_budget_without_allocation(config: Config) -> None:

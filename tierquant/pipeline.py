@@ -52,12 +52,14 @@ def stage_run(name: str) -> Callable[..., object]:
 
 
 def run_stages(config: Config, names: Sequence[str]) -> None:
-    """Run the named stages in order, in-process; `quantize` runs every tier and
-    `benchmark` both variants, as dvc.yaml's foreach does."""
+    """Run the named stages in order, in-process; `quantize` runs every tier (by
+    stages/quantize_gptq.py when quant.rounding is gptq) and `benchmark` both variants,
+    as dvc.yaml's foreach does."""
     for name in names:
         if name == "quantize":
+            script = "quantize_gptq" if config.quant.rounding == "gptq" else name
             for tier in config.tiers:
-                stage_run(name)(config, tier=tier)
+                stage_run(script)(config, tier=tier)
         elif name == "benchmark":
             for variant in ("original", "model"):
                 stage_run(name)(config, variant=variant)

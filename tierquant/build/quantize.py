@@ -3,6 +3,8 @@
 - affine bits: `mx.quantize` slice by slice (tierquant.core.affine), so peak memory is
   a slice, not a tensor; each matrix read from the original as the float checkpoint
   would hold it (tierquant.core.floatrows: experts decoded from MXFP4).
+- affine bits, matrices a `Rounder` takes (tierquant.build.gptq: GPTQ): written by it,
+  in the same layout.
 - mxfp4: the original's expert bytes repacked into mlx-lm's layout, losslessly.
 - bf16, and every vector (norms, biases, sinks) whatever the tier: copied.
 
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -41,6 +45,31 @@ from tierquant.plan.planfile import read_plan
 log = logging.getLogger(__name__)
 
 
+class Rounder(Protocol):
+    """Another rounding of some affine matrices into mx.quantize's layout (GPTQ:
+    tierquant.build.gptq). `takes` picks them; `write` is handed them in `order`, writes
+    each one's weight/scales/biases into the writer and returns its relative RMSE on the
+    sampled rows (as the round-to-nearest path records it); `manifest` is added to the
+    tier's manifest under "rounding"."""
+
+    method: str
+
+    def takes(self, weight: Weight, precision: Precision) -> bool: ...
+
+    def order(self, weights: list[Weight]) -> Iterator[Weight]: ...
+
+    def write(
+        self,
+        original: Checkpoint,
+        writer: ShardedWriter,
+        weight: Weight,
+        precision: Precision,
+        bar: tqdm,
+    ) -> float: ...
+
+    def manifest(self) -> dict: ...
+
+
 def quantize_tier(
     *,
     tier: str,
@@ -49,9 +78,11 @@ def quantize_tier(
     original_dir: Path,
     out_dir: Path,
     max_shard_bytes: int,
+    rounder: Rounder | None = None,
 ) -> dict:
     """Quantize the tier's tensors (mlx-lm names) into `out_dir`, each read from
-    `original_dir` as the float checkpoint holds it; return the manifest."""
+    `original_dir` as the float checkpoint holds it; return the manifest. `rounder`:
+    the matrices it takes are rounded by it (after every other tensor, in its order)."""
     shape = shape_of_checkpoint(original_dir)
     by_name = {w.name: w for w in mlx_weights(shape)}
     unknown = [n for n in tensor_names if n not in by_name]
@@ -74,6 +105,8 @@ def quantize_tier(
         len(weights),
         total_in / 1e9,
     )
+    taken = [w for w in weights if rounder is not None and rounder.takes(w, precision)]
+    others = [w for w in weights if w not in taken]
     streams = slice_streams()
     with (
         # headers against config.json (a wrong num_local_experts is named as such, not
@@ -96,7 +129,10 @@ def quantize_tier(
             disable=None,
         ) as bar,
     ):
-        for w in weights:
+        for w in rounder.order(taken) if rounder is not None else ():
+            err = rounder.write(original, writer, w, precision, bar)
+            modules[w.module] = {**_module_entry(w, precision, err), "rounding": rounder.method}
+        for w in others:
             if not precision.stores_quantized(w.kind):
                 for chunk in iter_float_rows(original, w):
                     writer.write(w.name, chunk)
@@ -129,6 +165,8 @@ def quantize_tier(
             "vectors": sorted(vectors),
             "tensors": {s.name: writer.weight_map[s.name] for s in specs},
         }
+        if taken and rounder is not None:  # a round-to-nearest manifest keeps its bytes
+            manifest["rounding"] = rounder.manifest()
         shard_names = writer.shard_names
         # Inside atomic_output: the tier directory appears with its manifest or not at all.
         (tmp / MANIFEST).write_bytes(json_bytes(manifest))
@@ -221,6 +259,7 @@ def quantize(
     original_dir: Path,
     out_dir: Path,
     max_shard_bytes: int,
+    rounder: Rounder | None = None,
 ) -> dict:
     """The quantize@<tier> stage: the tier's plan file (`plan_dir/<tier>.json`) at
     `tiers[tier]` -> `out_dir` (see `quantize_tier`)."""
@@ -236,4 +275,5 @@ def quantize(
         original_dir=Path(original_dir),
         out_dir=Path(out_dir),
         max_shard_bytes=max_shard_bytes,
+        rounder=rounder,
     )

@@ -371,6 +371,31 @@ class SourceModel:
     trained: bool = False  # the synthetic model is the committed trained tiny one
 
 
+@dataclass
+class Rounding:
+    """How the affine tiers were rounded (quant.rounding), and for gptq on what: the
+    calibration text (a description) and its windows."""
+
+    method: str = "rtn"  # rtn | gptq
+    calibration_text: str = ""
+    calibration_windows: int = 0
+    window_length: int = 0
+
+    def sentence(self) -> str:
+        """One sentence for the card's Quantization section."""
+        if self.method != "gptq":
+            return "Rounding: round to nearest (mlx's own `mx.quantize`)."
+        tokens = self.calibration_windows * self.window_length
+        return (
+            "Rounding: GPTQ (error feedback through the inverse Hessian of each matrix's "
+            "inputs, in MLX's affine format: same bytes' layout and size) for the attention "
+            "and expert matrices, each expert on the tokens the router sends it; Hessians from "
+            f"the original model on {_int(tokens)} calibration tokens ({self.calibration_windows}"
+            f" windows of {self.window_length}) of {self.calibration_text}, disjoint from the "
+            "eval text. Embeddings and lm_head: round to nearest."
+        )
+
+
 def card_context(
     *,
     inputs: CardInputs,
@@ -380,6 +405,7 @@ def card_context(
     group_size: int,
     chips: dict[str, float],
     provenance: dict[str, Any],
+    rounding: Rounding | None = None,
 ) -> tuple[ModelCardData, dict[str, Any]]:
     """The card's metadata and template variables, from this run's files.
 
@@ -449,6 +475,7 @@ def card_context(
         ),
         "recipe_name": recipe_name,
         "group_size": group_size,
+        "rounding": (rounding or Rounding()).sentence(),
         "tiers": tiers,
         "size": size_view,
         "namespace_set": "/" in repo_id,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tierquant.errors import TierquantError
+from tierquant.report.provenance import DERIVED_PARAMS
 
 # Validate's gate thresholds: all null is the docs' NOGATE sweep (docs/experiments.md),
 # named "no gate".
@@ -189,6 +190,8 @@ def change_name(
         if model_changed and section in MODEL_SECTIONS:
             continue
         if key == "model.name" or (no_gate and key.removeprefix("validate.") in GATE_KEYS):
+            continue
+        if key.startswith(DERIVED_PARAMS):  # follow quant.rounding (and the tiers)
             continue
         if flat.get(key) != base_flat.get(key):
             short = key.removeprefix("quant.")

@@ -21,6 +21,8 @@ from typing import Any
 
 # Keys that never change what is built: left out of the params hash and the command.
 NOT_BUILD_PARAMS = ("publish",)
+# Derived by interpolation in conf/config.yaml from quant.rounding: never an override.
+DERIVED_PARAMS = ("quant.stages.", "quant.by_rounding.")
 
 
 # What the pipeline itself rewrites while it runs: not "uncommitted changes" of the source.
@@ -110,10 +112,8 @@ def params_diff(params: dict[str, Any], defaults_of: Defaults, root: Path) -> di
     groups = _group_overrides(params, defaults, root)
     if groups:
         defaults = defaults_of(groups)
-    ours = {k: v for k, v in _flatten(params).items() if k.split(".")[0] not in NOT_BUILD_PARAMS}
-    theirs = {
-        k: v for k, v in _flatten(defaults).items() if k.split(".")[0] not in NOT_BUILD_PARAMS
-    }
+    ours = {k: v for k, v in _flatten(params).items() if _recreating(k)}
+    theirs = {k: v for k, v in _flatten(defaults).items() if _recreating(k)}
     changed = [(k, ours.get(k), theirs.get(k)) for k in sorted(set(ours) | set(theirs))]
     changed = [(k, v, d) for k, v, d in changed if v != d]
     overrides = list(groups)
@@ -128,6 +128,13 @@ def params_diff(params: dict[str, Any], defaults_of: Defaults, root: Path) -> di
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_./:+-]+")
+
+
+def _recreating(key: str) -> bool:
+    """Whether a flattened param key belongs in the overrides that recreate a run: not
+    `publish.*`, and not the lists conf/config.yaml derives from quant.rounding
+    (`quant.stages`, `quant.by_rounding`: `-S quant.rounding=...` recreates them)."""
+    return key.split(".")[0] not in NOT_BUILD_PARAMS and not key.startswith(DERIVED_PARAMS)
 
 
 def override_value(value: Any) -> str:

@@ -1,0 +1,220 @@
+"""The inputs each matrix of the ORIGINAL model sees on the calibration windows, layer by
+layer, and the GPTQ Hessians built from them (tierquant.core.gptq).
+
+`LayerInputs.stream(original_dir, tokens, ...)` runs the original checkpoint (experts in
+MXFP4, as reference and measure run it) over the calibration windows with the streamed
+forward (tierquant.quality.stream: one layer's weights resident, the windows' hidden
+states carried) and yields, for each layer asked for, what its matrices read:
+
+- q_proj, k_proj, v_proj: the layer's normed input (input_layernorm(h)), one set of rows;
+- o_proj: the attention output it projects;
+- each expert's gate_proj and up_proj: the normed MLP input of the tokens the router
+  sends to that expert (top-k), and its down_proj: that expert's SwiGLU activations on
+  them.
+
+They are recorded from mlx-lm's own modules during the layer's run (a module's class is
+swapped, for that run only, for a subclass that keeps its input), so the inputs are
+exactly what the original's forward computes, never the output of a quantized layer:
+the Hessians of one tier do not depend on how another tier is rounded.
+
+Memory: one layer's weights (the stream) plus that layer's recorded inputs, held as
+float32 rows: calibration tokens × (hidden + heads·head_dim + k·(hidden + intermediate))
+× 4 B (2048 tokens at gpt-oss-120b: ~0.3 GB); the Hessians are made one matrix (one
+expert) at a time from them (`hessian`), so the 2 × 128 experts' 2880² Hessians of a
+layer (~17 GB in float64) are never held together.
+
+An expert with few routed tokens (N, against its input width `in`) gets GPTQ on the blend
+α·Ĥ_expert + (1 − α)·Ĥ_pooled of per-token Hessians with α = N / (N + in): the layer's
+pooled Hessian (every routed token of every expert) as a prior worth `in` tokens; no
+routed token at all: the pooled one (docs/gptq.md has the measurement behind this).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tierquant.core.gptq import HessianAccumulator
+
+log = logging.getLogger(__name__)
+
+ATTENTION_IN = ("q_proj", "k_proj", "v_proj")  # read the layer's normed input
+EXPERT_IN = ("gate_proj", "up_proj")  # read the routed normed MLP input
+# module recorded (relative to the layer) -> what it is
+RECORDED = {
+    "self_attn.q_proj": "attention",
+    "self_attn.o_proj": "o_proj",
+    "mlp.experts.gate_proj": "experts",
+    "mlp.experts.down_proj": "down_proj",
+}
+
+
+def expert_rows(x, indices) -> tuple[np.ndarray, np.ndarray]:
+    """(rows [R, width] float32, expert id of each row [R]) from the (x, indices) an
+    mlx-lm SwitchLinear receives, sorted by expert (SwitchGLU's `_gather_sort`: x
+    [T·k, 1, width], indices [T·k]) or not (x [..., 1 or k, 1, width], indices [..., k])."""
+    import mlx.core as mx
+
+    width = x.shape[-1]
+    rows = mx.broadcast_to(x, (*indices.shape, *x.shape[-2:])).reshape(-1, width)
+    ids = np.array(indices.reshape(-1).astype(mx.int32))
+    return np.array(rows.astype(mx.float32)), ids
+
+
+@dataclass
+class LayerInputs:
+    """One layer's recorded inputs (float32 rows) and how to make each matrix's Hessian."""
+
+    layer: int
+    attention: np.ndarray  # [T, hidden]: q/k/v's input
+    o_proj: np.ndarray  # [T, heads·head_dim]
+    experts: np.ndarray  # [R, hidden]: gate/up input, one row per (token, routed expert)
+    down_proj: np.ndarray  # [R, intermediate]: down's input, same rows
+    expert_ids: np.ndarray  # [R]
+    # the layer's pooled per-token Hessians, made once (gate/up input, down input)
+    pooled: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def routed(self, expert: int) -> int:
+        """Tokens the router sent to `expert` on the calibration windows."""
+        return int(np.count_nonzero(self.expert_ids == expert))
+
+    def hessian(
+        self, kind: str, expert: int | None = None, alpha: float | None = None
+    ) -> np.ndarray:
+        """H (float64, in × in) for a matrix of `kind` (q/k/v/o_proj, gate/up/down_proj);
+        an expert matrix's for `expert`: per-token mean, blended with the layer's pooled
+        one by the routed-token count (module docstring). `alpha` overrides the blend's
+        weight on the expert's own Hessian (bench/gptq_experts.py compares them)."""
+        if kind in ATTENTION_IN:
+            return _sum_xtx(self.attention)
+        if kind == "o_proj":
+            return _sum_xtx(self.o_proj)
+        if kind not in (*EXPERT_IN, "down_proj") or expert is None:
+            raise ValueError(f"no Hessian for kind {kind!r} (expert {expert})")
+        key = "experts" if kind in EXPERT_IN else "down_proj"
+        rows = self.experts if key == "experts" else self.down_proj
+        if key not in self.pooled:
+            self.pooled[key] = _mean_xtx(rows)
+        pooled = self.pooled[key]
+        own = rows[self.expert_ids == expert]
+        n, width = own.shape[0], rows.shape[1]
+        if alpha is None:
+            alpha = n / (n + width)
+        if n == 0 or alpha == 0:
+            return pooled
+        return alpha * _mean_xtx(own) + (1 - alpha) * pooled
+
+    @classmethod
+    def stream(
+        cls,
+        original_dir: Path,
+        tokens: np.ndarray,
+        *,
+        batch_size: int,
+        layers: set[int],
+    ) -> Iterator[LayerInputs]:
+        """Run the original over `tokens` [N, L] layer by layer (one layer resident) and
+        yield the inputs of each layer in `layers`, in order; stops after the last."""
+        import mlx.core as mx
+
+        from tierquant.quality.stream import StreamedModel, compute_dtype
+
+        last = max(layers, default=-1)
+        with StreamedModel(Path(original_dir), compute_dtype=compute_dtype()) as sm:
+            h = sm.embed(tokens)
+            for i in range(last + 1):
+                if i not in layers:
+                    h = sm.run_layer(i, h, batch_size=batch_size)
+                    continue
+                block = sm.model.model.layers[i]
+                modules = {path: _module(block, path) for path in RECORDED}
+                with recording(modules.values()) as records:
+                    out = sm.run_layer(i, h, batch_size=batch_size)
+                    inputs = cls._collect(i, dict(zip(RECORDED.values(), records, strict=True)))
+                del records
+                h = out
+                mx.clear_cache()
+                log.info("layer %d: inputs of %d tokens recorded", i, inputs.attention.shape[0])
+                yield inputs
+
+    @classmethod
+    def _collect(cls, layer: int, records: dict[str, list[tuple[Any, Any]]]) -> LayerInputs:
+        import mlx.core as mx
+
+        def rows(name: str) -> np.ndarray:
+            xs = [x.reshape(-1, x.shape[-1]).astype(mx.float32) for x, _ in records[name]]
+            return np.concatenate([np.array(x) for x in xs])
+
+        experts = [expert_rows(x, idx) for x, idx in records["experts"]]
+        down = [expert_rows(x, idx) for x, idx in records["down_proj"]]
+        ids = np.concatenate([i for _, i in experts])
+        if not np.array_equal(ids, np.concatenate([i for _, i in down])):
+            raise RuntimeError(f"layer {layer}: gate and down inputs routed differently")
+        return cls(
+            layer=layer,
+            attention=rows("attention"),
+            o_proj=rows("o_proj"),
+            experts=np.concatenate([r for r, _ in experts]),
+            down_proj=np.concatenate([r for r, _ in down]),
+            expert_ids=ids,
+        )
+
+
+def _module(block, path: str):
+    module = block
+    for part in path.split("."):
+        module = module[part]
+    return module
+
+
+def _sum_xtx(rows: np.ndarray) -> np.ndarray:
+    acc = HessianAccumulator(rows.shape[1])
+    acc.add(rows)
+    return acc.sum
+
+
+def _mean_xtx(rows: np.ndarray) -> np.ndarray:
+    acc = HessianAccumulator(rows.shape[1])
+    acc.add(rows)
+    return acc.mean
+
+
+_RECORDING_CLASSES: dict[type, type] = {}
+
+
+def _recording_class(cls: type) -> type:
+    """`cls` with a __call__ that appends (input, second argument or None) to the
+    instance's `_tq_records` list before calling `cls`'s own."""
+    if cls not in _RECORDING_CLASSES:
+
+        def __call__(self, x, *args, **kwargs):  # noqa: N807
+            self.__dict__["_tq_records"].append((x, args[0] if args else None))
+            return cls.__call__(self, x, *args, **kwargs)
+
+        _RECORDING_CLASSES[cls] = type(f"Recording{cls.__name__}", (cls,), {"__call__": __call__})
+    return _RECORDING_CLASSES[cls]
+
+
+@contextmanager
+def recording(modules) -> Iterator[list[list[tuple[Any, Any]]]]:
+    """While inside, each of `modules` (mlx-lm modules of the model) records every call's
+    input (and a SwitchLinear's expert indices) in its list; the modules, their
+    parameters and their names are unchanged (a class swap, undone on exit)."""
+    modules = list(modules)
+    records: list[list[tuple[Any, Any]]] = [[] for _ in modules]
+    originals = [type(m) for m in modules]
+    try:
+        for m, rec in zip(modules, records, strict=True):
+            m.__dict__["_tq_records"] = rec  # not an attribute MLX sees as a parameter
+            m.__class__ = _recording_class(type(m))
+        yield records
+    finally:
+        for m, cls in zip(modules, originals, strict=True):
+            m.__class__ = cls
+            m.__dict__.pop("_tq_records", None)
