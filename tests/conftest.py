@@ -28,6 +28,7 @@ LONGEST_FIRST = (
     "test_auto_pipeline.py",
     "test_faults.py",
     "test_pipeline.py",
+    "test_gptq_pipeline.py",
 )
 
 
