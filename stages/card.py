@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from tierquant.config import Config, compose_defaults, config_dict, project_root
-from tierquant.report.card import CardInputs, SourceModel, build_card
+from tierquant.report.card import CardInputs, EvalText, SourceModel, build_card
+from tierquant.report.pareto import POINTS
 from tierquant.report.provenance import build_provenance
 from tierquant.stage import stage_main
 
@@ -21,7 +22,7 @@ def run(config: Config) -> Path:
             benchmark_dir=Path(paths.benchmark),
             machine=Path(paths.machine),
             predicted=Path(paths.predict),
-            sweep=Path(paths.sweep),
+            sweep=Path(paths.sweep) / POINTS,
         ),
         repo_id=config.repo_id(),
         source=SourceModel(
@@ -36,6 +37,14 @@ def run(config: Config) -> Path:
         recipe_name=config.recipe.name,
         group_size=config.quant.group_size,
         chips=dict(config.benchmark.chips),
+        eval_text=EvalText(
+            source=config.eval.source,
+            path=config.eval.path,
+            repo_id=config.eval.repo_id,
+            revision=config.eval.revision,
+            files=config.eval.files,
+            text_column=config.eval.text_column,
+        ),
         provenance=build_provenance(
             config_dict(config), root=project_root(), defaults_of=compose_defaults
         ),
