@@ -16,6 +16,7 @@ from tierquant.report.pareto import curve_position, front
 from tierquant.report.sweep import (
     HEADLINE_QUALITY,
     NO_GATE,
+    check_planned,
     plan_sweep,
     queue_status,
     render_table,
@@ -176,8 +177,10 @@ def test_plan_sweep_switches_the_gate_off():
         "model=tiny",
     )
     assert all(f"validate.{k}=null" in NO_GATE for k in GATE)
-    with pytest.raises(TierquantError, match="positive"):
-        plan_sweep([0.0], [])
+    with pytest.raises(TierquantError, match=r"auto 0.5 bpw: .*budget.bits_per_weight"):
+        check_planned(plan_sweep([0.5], []))  # out of range: refused before queueing
+    with pytest.raises(TierquantError, match="mixed_3_6: .*no_such_key"):
+        check_planned(plan_sweep([], ["mixed_3_6"], ["quant.no_such_key=1"]))
     with pytest.raises(TierquantError, match="nothing to sweep"):
         plan_sweep([], [])
 

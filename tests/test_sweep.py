@@ -97,9 +97,10 @@ def test_sweep_run_charts_table_and_card_after_exp_apply(repo):
 
 
 def test_a_failed_experiment_is_an_error(repo):
-    """0.5 bits per weight is below the smallest candidates: the check stage refuses it."""
-    proc = run([*SWEEP, "--budgets", "0.5", "--recipes"], repo, _env(repo), check=False)
+    """1.2 bits per weight is a valid param but below the smallest candidates' size: the
+    experiment's check stage refuses it, and the sweep says so and exits 1."""
+    proc = run([*SWEEP, "--budgets", "1.2", "--recipes"], repo, _env(repo), check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert errors and re.search(r"experiment \S+ \(auto 0.5 bpw\) failed", errors[0]), errors
-    assert "dvc queue logs" in errors[0] and "1 of 1 experiments failed" in errors[-1]
+    assert errors and re.search(r"experiment \S+ \(auto 1.2 bpw\) failed: error: ", errors[0])
+    assert "dvc queue logs" in errors[0] and "1 of 1 experiments failed" in errors[-1], errors

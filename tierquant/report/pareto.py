@@ -19,10 +19,10 @@ from tierquant.errors import TierquantError
 FIELDS = ("bits_per_weight", "kld_mean", "top1_agreement")
 # The sweep's points in paths.sweep (a folder: tierquant.report.sweep says why).
 POINTS = "points.json"
-# The charts: metric -> (axis label, lower is better).
-METRICS: dict[str, tuple[str, bool]] = {
-    "kld_mean": ("KLD mean vs the original (nats/token)", True),
-    "top1_agreement": ("top-1 agreement with the original", False),
+# The charts: metric -> (title, axis label, lower is better).
+METRICS: dict[str, tuple[str, str, bool]] = {
+    "kld_mean": ("KLD mean", "KLD mean vs the original (nats/token)", True),
+    "top1_agreement": ("Top-1 agreement", "top-1 agreement with the original", False),
 }
 
 
@@ -76,7 +76,7 @@ def curve_position(
 def front(points: list[dict[str, Any]], metric: str = "kld_mean") -> list[dict[str, Any]]:
     """The Pareto front of `points` for `metric` (METRICS says which way is better): the
     points no point at most as large beats, sorted by bits per weight."""
-    lower = METRICS[metric][1]
+    lower = METRICS[metric][2]
 
     def better(a: float, b: float) -> bool:
         return a < b - 1e-12 if lower else a > b + 1e-12
@@ -114,7 +114,7 @@ def curve_chart(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    label, _ = METRICS[metric]
+    title, label, _ = METRICS[metric]
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=100)
     best = front(have, metric)
     ax.plot(
@@ -146,7 +146,8 @@ def curve_chart(
         )
     ax.set_xlabel("bits per weight")
     ax.set_ylabel(label)
-    ax.set_title(f"{label.split(' (')[0]} vs bits per weight")
+    ax.set_title(f"{title} vs bits per weight")
+    ax.margins(x=0.1, y=0.1)  # room for the labels
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

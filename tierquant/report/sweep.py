@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -206,8 +207,6 @@ def plan_sweep(
     gate off and `extra` overrides (e.g. `model=gpt-oss-20b`)."""
     planned = []
     for b in budgets:
-        if not b > 0:
-            raise TierquantError(f"--budgets {b}: a budget is a positive bits per weight")
         planned.append(
             Planned(
                 f"auto {budget_label({'bits_per_weight': b})}",
@@ -263,7 +262,7 @@ def run_sweep(
     """Queue `planned`, start `jobs` workers, and poll `dvc queue status` until every
     task of this sweep has succeeded or failed, logging each change."""
     run = SweepRun()
-    log(f"sweep: queueing {len(planned)} experiments, quality gate off")
+    log(f"sweep: queueing {len(planned)} experiment{'s' * (len(planned) > 1)}, quality gate off")
     for p in planned:
         args = ["exp", "run", "--queue"]
         for o in p.overrides:
@@ -306,12 +305,11 @@ def failure_lines(run: SweepRun, dvc: Dvc) -> list[str]:
     lines = []
     for name in run.failed:
         logs = dvc(["queue", "logs", name])
-        errors = [
-            ln.strip()
-            for ln in (logs.stdout + logs.stderr).splitlines()
-            if ln.strip().lower().startswith("error")
-        ]
-        why = f": {errors[-1]}" if errors else ""
+        lines_ = [ln.strip() for ln in (logs.stdout + logs.stderr).splitlines()]
+        # the stage's own `error:` line says why; DVC's `ERROR:` only which stage failed
+        own = [ln for ln in lines_ if ln.startswith("error:")]
+        dvcs = [ln for ln in lines_ if ln.startswith("ERROR:")]
+        why = f": {own[0]}" if own else (f": {dvcs[-1]}" if dvcs else "")
         lines.append(
             f"experiment {name} ({run.queued[name].label}) failed{why} "
             f"(`dvc queue logs {name}` shows its log)"
@@ -411,6 +409,35 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_planned(planned: Sequence[Planned]) -> None:
+    """Compose and type each experiment's params as `dvc exp run` will (conf/ + its
+    overrides): a value out of range or a key that does not exist fails here, naming the
+    experiment, before anything is queued."""
+    from tierquant.config import compose, validate
+
+    for p in planned:
+        try:
+            validate(compose(list(p.overrides)))
+        except Exception as e:  # Hydra's, OmegaConf's and tierquant's own errors
+            raise TierquantError(f"{p.label}: {e}") from None
+
+
+def run_dvc(root: Path, cmd: list[str]) -> subprocess.CompletedProcess:
+    """`dvc cmd` in `root`, its output captured in files, not pipes: `dvc queue start`
+    leaves workers behind that inherit its stdout and stderr, and a pipe would stay open
+    (and `subprocess.run` would wait) until the last worker exits."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.run([dvc_executable(), *cmd], cwd=root, stdout=out, stderr=err)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(
+            proc.args,
+            proc.returncode,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+        )
+
+
 def hand_recipes(conf_dir: Path) -> list[str]:
     """The recipes of conf/recipe/ that are not recipe=auto."""
     return [r for r in recipe_default_tiers(conf_dir) if r != "auto"]
@@ -429,13 +456,14 @@ def run_command(args: argparse.Namespace, *, root: Path, out_dir: Path, log: Log
     if args.jobs < 1:
         raise TierquantError(f"--jobs {args.jobs}: at least 1")
     planned = plan_sweep(args.budgets, recipes, args.set)
+    check_planned(planned)
     if args.dry_run:
         for p in planned:
             log(f"{p.label}: dvc exp run --queue " + " ".join(f"-S {o}" for o in p.overrides))
         return 0
 
     def dvc(cmd: list[str]) -> subprocess.CompletedProcess:
-        return subprocess.run([dvc_executable(), *cmd], cwd=root, capture_output=True, text=True)
+        return run_dvc(root, cmd)
 
     run = run_sweep(planned, dvc=dvc, jobs=args.jobs, poll_s=args.poll, log=log)
     failed = failure_lines(run, dvc)
