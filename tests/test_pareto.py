@@ -81,7 +81,12 @@ EXP_SHOW = [
             # the seed recipe ungated: main's own model, one point named as the experiment
             _exp("seedy-seed", _data("seed", 4.3441, 0.0190, gate=NOGATE, tiers=SEED_TIERS)),
             _exp("four-bits", _data("seed", 4.8, 0.012, tiers={**SEED_TIERS, "experts": 4})),
-            {"name": "failed", "revs": [{"rev": "d3", "data": {"rev": "d3"}}]},  # no metrics
+            {"name": "no-metrics", "revs": [{"rev": "d3", "data": {"rev": "d3"}}]},
+            # a failed one: DVC shows it with the metrics of the workspace it was queued from
+            {
+                **_exp("failed-one", _data("auto", 2.99, 0.19, {"bits_per_weight": 1.2})),
+                "executor": {"state": "failed"},
+            },
         ],
     },
 ]

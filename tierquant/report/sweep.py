@@ -98,16 +98,20 @@ def sweep_points(
     recipe_tiers: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Every experiment's point in `dvc exp show --json` output (and each baseline's and
-    the workspace's), named by `point_name` against its baseline, sorted by bits per
-    weight. The same model twice (the same recipe, budget, size and KLD: the workspace
-    after `dvc exp apply`, the seed recipe ungated and its gated baseline) is one point,
-    named as the experiment. Names that are still equal get DVC's name added."""
+    the workspace's; not a queued, running or failed one), named by `point_name` against
+    its baseline, sorted by bits per weight. The same model twice (the same recipe,
+    budget, size and KLD: the workspace after `dvc exp apply`, the seed recipe ungated
+    and its gated baseline) is one point, named as the experiment. Names that are still
+    equal get DVC's name added."""
     baselines = [b for b in exp_show if b.get("rev") != "workspace"]
     head = _params(baselines[0].get("data")) if baselines else {}
     entries: list[tuple[str, Mapping[str, Any] | None, Mapping[str, Any]]] = []
     for baseline in baselines:
         base = _params(baseline.get("data"))
         for exp in baseline.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state")
+            if state not in (None, "success"):  # queued, running, failed: DVC shows a
+                continue  # failed one with the metrics files of the workspace it came from
             revs = exp.get("revs") or [{}]
             name = exp.get("name") or str(revs[0].get("rev"))[:7]
             entries.append((name, revs[0].get("data"), base))
