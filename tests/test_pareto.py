@@ -174,7 +174,11 @@ def test_curve_position_against_brute_force(seed):
 
 def test_plan_sweep_switches_the_gate_off():
     planned = plan_sweep([3.0, 3.557], ["seed"], ["model=tiny"])
-    assert [p.label for p in planned] == ["auto 3.0 bpw", "auto 3.557 bpw", "seed"]
+    assert [p.label for p in planned] == [
+        "auto 3.0 bpw model=tiny",
+        "auto 3.557 bpw model=tiny",
+        "seed model=tiny",
+    ]
     assert planned[1].overrides == (
         "recipe=auto",
         "budget.bits_per_weight=3.557",
@@ -184,7 +188,7 @@ def test_plan_sweep_switches_the_gate_off():
     assert all(f"validate.{k}=null" in NO_GATE for k in GATE)
     with pytest.raises(TierquantError, match=r"auto 0.5 bpw: .*budget.bits_per_weight"):
         check_planned(plan_sweep([0.5], []))  # out of range: refused before queueing
-    with pytest.raises(TierquantError, match="mixed_3_6: .*no_such_key"):
+    with pytest.raises(TierquantError, match="mixed_3_6 quant.no_such_key=1: .*no_such_key"):
         check_planned(plan_sweep([], ["mixed_3_6"], ["quant.no_such_key=1"]))
     with pytest.raises(TierquantError, match="nothing to sweep"):
         plan_sweep([], [])

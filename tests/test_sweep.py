@@ -63,6 +63,7 @@ def test_sweep_run_charts_table_and_card_after_exp_apply(repo):
     proc = run([*SWEEP, "--budgets", "3.3", "4.0", "--recipes", "mixed_3_6"], repo, _env(repo))
     out = proc.stdout
     assert out.count("sweep: queued ") == 3, out
+    assert re.search(r"\] 0/3 done \(0 failed\); running: auto 3.3 bpw \(\S+\)", out), out
     assert "3/3 done (0 failed); running: none" in out, out
     sweep = repo / "sweep"
     for png in ("kld.png", "top1.png"):

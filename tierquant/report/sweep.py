@@ -210,15 +210,16 @@ def plan_sweep(
     """recipe=auto at each budget (bits per weight), then each hand recipe; each with the
     gate off and `extra` overrides (e.g. `model=gpt-oss-20b`)."""
     planned = []
+    also = "".join(f" {o}" for o in extra)
     for b in budgets:
         planned.append(
             Planned(
-                f"auto {budget_label({'bits_per_weight': b})}",
+                f"auto {budget_label({'bits_per_weight': b})}{also}",
                 ("recipe=auto", f"budget.bits_per_weight={b}", *NO_GATE, *extra),
             )
         )
     for r in recipes:
-        planned.append(Planned(r, (f"recipe={r}", *NO_GATE, *extra)))
+        planned.append(Planned(f"{r}{also}", (f"recipe={r}", *NO_GATE, *extra)))
     if not planned:
         raise TierquantError("nothing to sweep: give --budgets and/or --recipes")
     return planned
@@ -281,7 +282,7 @@ def run_sweep(
         log(f"sweep: queued {found.group(1)}: {p.label}")
     _check(dvc(["queue", "start", "-j", str(jobs)]), "dvc queue start")
     log(
-        f"sweep: running them with {jobs} worker{'s' * (jobs > 1)} "
+        f"sweep: running {len(run.queued)} with {jobs} worker{'s' * (jobs > 1)} "
         "(`dvc queue logs -f <name>` follows one)"
     )
     start, last = clock(), None
