@@ -19,6 +19,7 @@ from tierquant.report.sweep import (
     check_planned,
     plan_sweep,
     queue_status,
+    queue_workers,
     render_table,
     run_sweep,
     sweep_points,
@@ -213,6 +214,33 @@ def test_queue_status_parses_dvc_s_table():
         "other": "Queued",
     }
     assert queue_status("No experiment tasks in the queue.\n\nWorker status: 0 active") == {}
+    assert queue_workers(QUEUE_STATUS) == 1 and queue_workers("") is None
+
+
+def test_run_sweep_gives_up_when_no_worker_runs():
+    """Workers stopped (`dvc queue stop`) with tasks queued: an error, not a wait forever."""
+    now = [0.0]
+
+    def dvc(cmd):
+        out = ""
+        if cmd[:3] == ["exp", "run", "--queue"]:
+            out = "Queued experiment 'lone-exp' for future execution.\n"
+        elif cmd[:2] == ["queue", "status"]:
+            out = "Task  Name  Created  Status\nabc  lone-exp  09:12 PM  Queued\n\n"
+            out += "Worker status: 0 active, 0 idle\n"
+        return subprocess.CompletedProcess(cmd, 0, out, "")
+
+    def sleep(s):
+        now[0] += 30
+
+    with pytest.raises(TierquantError, match="no queue worker has run for 120 s with 1 of"):
+        run_sweep(
+            plan_sweep([], ["seed"]),
+            dvc=dvc,
+            log=lambda _: None,
+            clock=lambda: now[0],
+            sleep=sleep,
+        )
 
 
 def test_run_sweep_waits_for_its_own_tasks_and_reports_failures():

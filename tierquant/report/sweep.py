@@ -67,6 +67,7 @@ DVC_PLOTS = ("pareto_kld", "pareto_top1")  # dvc.yaml's top-level plots
 # The headline quality metrics file (tierquant.report.headline) a point is read from.
 HEADLINE_QUALITY = "metrics/headline/quality.json"
 DONE = ("Success", "Failed")
+NO_WORKER_S = 120.0  # how long the queue may have no worker before the wait gives up
 
 Log = Callable[[str], None]
 Dvc = Callable[[list[str]], subprocess.CompletedProcess]
@@ -235,6 +236,12 @@ def queue_status(text: str) -> dict[str, str]:
     return out
 
 
+def queue_workers(text: str) -> int | None:
+    """How many workers (active + idle) `dvc queue status` reports; None if it does not."""
+    found = re.search(r"Worker status: (\d+) active, (\d+) idle", text)
+    return int(found.group(1)) + int(found.group(2)) if found else None
+
+
 @dataclass
 class SweepRun:
     """What `run_sweep` queued, and how each ended."""
@@ -285,9 +292,10 @@ def run_sweep(
         f"sweep: running {len(run.queued)} with {jobs} worker{'s' * (jobs > 1)} "
         "(`dvc queue logs -f <name>` follows one)"
     )
-    start, last = clock(), None
+    start, last, idle_since = clock(), None, None
     while True:
-        status = queue_status(_check(dvc(["queue", "status"]), "dvc queue status").stdout)
+        text = _check(dvc(["queue", "status"]), "dvc queue status").stdout
+        status = queue_status(text)
         run.status = {n: status.get(n, "Queued") for n in run.queued}
         done = [n for n in run.queued if run.status[n] in DONE]
         running = [n for n in run.queued if run.status[n] == "Running"]
@@ -302,11 +310,21 @@ def run_sweep(
             last = summary
         if len(done) == len(run.queued):
             return run
+        if queue_workers(text) == 0:  # none started, or all stopped (`dvc queue stop`)
+            idle_since = clock() if idle_since is None else idle_since
+            if clock() - idle_since > NO_WORKER_S:
+                raise TierquantError(
+                    f"no queue worker has run for {NO_WORKER_S:.0f} s with "
+                    f"{len(run.queued) - len(done)} of this sweep's experiments not done: "
+                    "`dvc queue start` runs them, then `tierquant sweep` gathers them"
+                )
+        else:
+            idle_since = None
         sleep(poll_s)
 
 
 def failure_lines(run: SweepRun, dvc: Dvc) -> list[str]:
-    """One `error:`-ready line per failed experiment, with the last error its log shows."""
+    """One `error:`-ready line per failed experiment, with the error its log shows."""
     lines = []
     for name in run.failed:
         logs = dvc(["queue", "logs", name])
@@ -470,7 +488,13 @@ def run_command(args: argparse.Namespace, *, root: Path, out_dir: Path, log: Log
     def dvc(cmd: list[str]) -> subprocess.CompletedProcess:
         return run_dvc(root, cmd)
 
-    run = run_sweep(planned, dvc=dvc, jobs=args.jobs, poll_s=args.poll, log=log)
+    try:
+        run = run_sweep(planned, dvc=dvc, jobs=args.jobs, poll_s=args.poll, log=log)
+    except KeyboardInterrupt:
+        raise TierquantError(
+            "interrupted: the queued experiments go on running (`dvc queue status`; `dvc "
+            "queue kill <name>` stops one); `tierquant sweep` gathers them when done"
+        ) from None
     failed = failure_lines(run, dvc)
     if len(failed) < len(run.queued):
         gather(root=root, out_dir=out_dir, log=log)
