@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from tierquant import __version__
 from tierquant.config import Config, compose_defaults, config_dict, project_root
 from tierquant.report.card import CardInputs, EvalText, SourceModel, build_card
 from tierquant.report.pareto import POINTS
@@ -37,6 +38,7 @@ def run(config: Config) -> Path:
         recipe_name=config.recipe.name,
         group_size=config.quant.group_size,
         chips=dict(config.benchmark.chips),
+        tierquant_version=__version__,
         eval_text=EvalText(
             source=config.eval.source,
             path=config.eval.path,

@@ -364,7 +364,7 @@ def test_card_names_its_eval_text_use_limits_and_tools(run_dir: Path) -> None:
     assert "2,032 tokens (16 windows) of tierquant's bundled `tierquant/assets/corpus.txt`" in (
         " ".join(quality.split())
     )
-    from tierquant import __version__
+    from tierquant import __version__  # the card stage passes it
 
     assert f"Made with tierquant {__version__}, mlx-lm 6.5.4 (mlx 9.8.7)." in text
     assert "Testing and demonstrating the pipeline" in _section(text, "Intended use")

@@ -187,10 +187,15 @@ def test_plan_sweep_switches_the_gate_off():
         "model=tiny",
     )
     assert all(f"validate.{k}=null" in NO_GATE for k in GATE)
+    from tierquant.config import compose, validate
+
+    def check(overrides):
+        validate(compose(overrides))
+
     with pytest.raises(TierquantError, match=r"auto 0.5 bpw: .*budget.bits_per_weight"):
-        check_planned(plan_sweep([0.5], []))  # out of range: refused before queueing
+        check_planned(plan_sweep([0.5], []), check)  # out of range: refused before queueing
     with pytest.raises(TierquantError, match="mixed_3_6 quant.no_such_key=1: .*no_such_key"):
-        check_planned(plan_sweep([], ["mixed_3_6"], ["quant.no_such_key=1"]))
+        check_planned(plan_sweep([], ["mixed_3_6"], ["quant.no_such_key=1"]), check)
     with pytest.raises(TierquantError, match="nothing to sweep"):
         plan_sweep([], [])
 

@@ -234,12 +234,16 @@ def sweep_run_parser() -> argparse.ArgumentParser:
 
 def sweep_run(argv: list[str]) -> int:
     """`tierquant sweep run [options]` (tierquant.report.sweep.run_command)."""
-    from tierquant.config import project_root
+    from tierquant.config import compose, project_root, validate
     from tierquant.report.sweep import run_command
 
     args = sweep_run_parser().parse_args(argv)
     root = project_root()
-    return run_command(args, root=root, out_dir=_sweep_dir(root))
+
+    def check(overrides: list[str]) -> None:
+        validate(compose(overrides))
+
+    return run_command(args, root=root, out_dir=_sweep_dir(root), check=check)
 
 
 def main(argv: list[str] | None = None) -> int:

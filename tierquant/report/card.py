@@ -308,12 +308,11 @@ def _backend(machine: dict[str, Any] | None, bench: dict[str, Any] | None) -> st
     return m.get("backend")
 
 
-def made_with(machine: dict[str, Any] | None) -> str:
-    """`tierquant X, mlx-lm Y (mlx Z)`: this tierquant, and the MLX stack the machine
-    stage recorded (the one that ran the benchmark), else the installed one."""
+def made_with(machine: dict[str, Any] | None, tierquant_version: str | None = None) -> str:
+    """`tierquant X, mlx-lm Y (mlx Z)`: tierquant's version (the stage passes its
+    `__version__`; else the installed one), and the MLX stack the machine stage recorded
+    (the one that ran the benchmark), else the installed one."""
     from importlib.metadata import PackageNotFoundError, version
-
-    from tierquant import __version__
 
     def installed(dist: str) -> str:
         try:
@@ -324,7 +323,7 @@ def made_with(machine: dict[str, Any] | None) -> str:
     m = machine or {}
     mlx_lm = m.get("mlx_lm") or installed("mlx-lm")
     mlx = m.get("mlx") or installed("mlx")
-    return f"tierquant {__version__}, mlx-lm {mlx_lm} (mlx {mlx})"
+    return f"tierquant {tierquant_version or installed('tierquant')}, mlx-lm {mlx_lm} (mlx {mlx})"
 
 
 @dataclass(frozen=True)
@@ -430,6 +429,7 @@ def card_context(
     chips: dict[str, float],
     provenance: dict[str, Any],
     eval_text: EvalText | None = None,
+    tierquant_version: str | None = None,
 ) -> tuple[ModelCardData, dict[str, Any]]:
     """The card's metadata and template variables, from this run's files.
 
@@ -507,7 +507,7 @@ def card_context(
         "quality": _quality(validate_metrics),
         "machine": _machine(_maybe_json(inputs.machine), model_bench),
         "backend": _backend(_maybe_json(inputs.machine), model_bench),
-        "made_with": made_with(_maybe_json(inputs.machine)),
+        "made_with": made_with(_maybe_json(inputs.machine), tierquant_version),
         "eval_text": (eval_text or EvalText(source="text")).describe(),
         "curve_chart": None,  # set by build_card once the chart is written
         "speed": _speed(model_bench, original_bench),
@@ -621,7 +621,8 @@ def build_card(*, out: Path, template: Path = TEMPLATE, **context_args: Any) -> 
     """The card stage: `out/README.md` and its chart (speed.png), atomically.
 
     `context_args` are card_context's (inputs, repo_id, source, recipe_name, group_size,
-    chips, provenance, eval_text). With a sweep, the curve's chart (curve.png) too.
+    chips, provenance, eval_text, tierquant_version). With a sweep, the curve's chart
+    (curve.png) too.
     """
     if not template.is_file():
         raise TierquantError(f"card template {template} is missing")

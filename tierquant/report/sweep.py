@@ -432,15 +432,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_planned(planned: Sequence[Planned]) -> None:
-    """Compose and type each experiment's params as `dvc exp run` will (conf/ + its
-    overrides): a value out of range or a key that does not exist fails here, naming the
-    experiment, before anything is queued."""
-    from tierquant.config import compose, validate
-
+def check_planned(planned: Sequence[Planned], check: Callable[[list[str]], Any]) -> None:
+    """`check` (the CLI's: compose conf/ + the overrides and type them, as `dvc exp run`
+    will) each experiment's overrides: a value out of range or a key that does not exist
+    fails here, naming the experiment, before anything is queued."""
     for p in planned:
         try:
-            validate(compose(list(p.overrides)))
+            check(list(p.overrides))
         except Exception as e:  # Hydra's, OmegaConf's and tierquant's own errors
             raise TierquantError(f"{p.label}: {e}") from None
 
@@ -466,8 +464,16 @@ def hand_recipes(conf_dir: Path) -> list[str]:
     return [r for r in recipe_default_tiers(conf_dir) if r != "auto"]
 
 
-def run_command(args: argparse.Namespace, *, root: Path, out_dir: Path, log: Log = print) -> int:
-    """`tierquant sweep run`: queue, run, wait, gather; 1 if an experiment failed."""
+def run_command(
+    args: argparse.Namespace,
+    *,
+    root: Path,
+    out_dir: Path,
+    check: Callable[[list[str]], Any],
+    log: Log = print,
+) -> int:
+    """`tierquant sweep run`: check, queue, run, wait, gather; 1 if an experiment failed.
+    `check(overrides)` types one experiment's params (see check_planned)."""
     known = hand_recipes(root / "conf")
     recipes = known if args.recipes is None else list(args.recipes)
     unknown = [r for r in recipes if r not in known]
@@ -479,7 +485,7 @@ def run_command(args: argparse.Namespace, *, root: Path, out_dir: Path, log: Log
     if args.jobs < 1:
         raise TierquantError(f"--jobs {args.jobs}: at least 1")
     planned = plan_sweep(args.budgets, recipes, args.set)
-    check_planned(planned)
+    check_planned(planned, check)
     if args.dry_run:
         for p in planned:
             log(f"{p.label}: dvc exp run --queue " + " ".join(f"-S {o}" for o in p.overrides))
