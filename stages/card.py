@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
+from tierquant import __version__
 from tierquant.config import Config, compose_defaults, config_dict, project_root
-from tierquant.quality.evalset import text_description
-from tierquant.report.card import CardInputs, Rounding, SourceModel, build_card
+from tierquant.report.card import CardInputs, Rounding, SourceModel, TextSource, build_card
+from tierquant.report.pareto import POINTS
 from tierquant.report.provenance import build_provenance
 from tierquant.stage import stage_main
 
@@ -22,7 +23,7 @@ def run(config: Config) -> Path:
             benchmark_dir=Path(paths.benchmark),
             machine=Path(paths.machine),
             predicted=Path(paths.predict),
-            sweep=Path(paths.sweep),
+            sweep=Path(paths.sweep) / POINTS,
         ),
         repo_id=config.repo_id(),
         source=SourceModel(
@@ -38,14 +39,28 @@ def run(config: Config) -> Path:
         group_size=config.quant.group_size,
         rounding=Rounding(
             method=config.quant.rounding,
-            calibration_text=text_description(config.calibration),
+            calibration_text=_text(config.calibration).describe(),
             calibration_windows=config.calibration.num_windows,
             window_length=config.calibration.window_length,
         ),
         chips=dict(config.benchmark.chips),
+        tierquant_version=__version__,
+        eval_text=_text(config.eval),
         provenance=build_provenance(
             config_dict(config), root=project_root(), defaults_of=compose_defaults
         ),
+    )
+
+
+def _text(section) -> TextSource:
+    """params `eval` or `calibration`: which text it reads."""
+    return TextSource(
+        source=section.source,
+        path=section.path,
+        repo_id=section.repo_id,
+        revision=section.revision,
+        files=section.files,
+        text_column=section.text_column,
     )
 
 

@@ -122,7 +122,7 @@ def _config(root: Path, *overrides: str):
         "machine": root / "machine.json",
         "card": root / "card",
         "predict": root / "predicted.json",  # absent: a hand recipe's card says no budget
-        "sweep": root / "sweep.json",  # absent: no sweep
+        "sweep": root / "sweep",  # absent: no sweep
     }
     return validate(compose([*overrides, *(f"paths.{k}={v}" for k, v in paths.items())]))
 
@@ -312,10 +312,11 @@ def test_card_states_the_budget_and_where_it_sits_on_the_sweep(run_dir: Path, tm
             "top1_agreement": 0.5,
         },
     ]
-    (tmp_path / "sweep.json").write_text(json.dumps(points))
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "points.json").write_text(json.dumps(points))
     config = _config(run_dir)
     config.paths.predict = str(tmp_path / "predicted.json")
-    config.paths.sweep = str(tmp_path / "sweep.json")
+    config.paths.sweep = str(tmp_path / "sweep")
     config.paths.card = str(tmp_path / "card")
     text = build_card(config).read_text()
     assert "fit a 64 GB Mac with a 32,768-token context (raised wired limit)" in text
@@ -325,10 +326,14 @@ def test_card_states_the_budget_and_where_it_sits_on_the_sweep(run_dir: Path, tm
     assert "predicted damage 0.0405 nats/token" in text
     assert "Among the 3 models" in text and "is on the Pareto front" in text
     assert "it beats 1 that are no\nsmaller" in text
-    assert f"| **this-one (this)** | seed (hand recipe) | {bpw:.4f} | 0.1235 |" in text
+    assert f"| **this-one (this)** | {bpw:.4f} | 0.1235 |" in text
+    # the curve drawn beside the table, this model starred
+    chart = tmp_path / "card" / "curve.png"
+    assert "](curve.png)" in text and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert chart.stat().st_size > 10_000
     # a better model no larger than this one: not on the front, and the card says which
     points[0].update(bits_per_weight=bpw - 0.1, kld_mean=0.05)
-    (tmp_path / "sweep.json").write_text(json.dumps(points))
+    (tmp_path / "sweep" / "points.json").write_text(json.dumps(points))
     text = build_card(config).read_text()
     assert "is not on the Pareto front: small has a lower KLD\n(0.0500)" in text
 
@@ -336,6 +341,61 @@ def test_card_states_the_budget_and_where_it_sits_on_the_sweep(run_dir: Path, tm
 def test_a_hand_recipe_without_a_sweep_says_neither(run_dir: Path) -> None:
     text = build_card(_config(run_dir)).read_text()
     assert "Bits allocated by measurement" not in text and "size/quality curve" not in text
+    assert "curve.png" not in text
+
+
+def _section(text: str, title: str) -> str:
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 3)
+    return text[start : end if end > 0 else None]
+
+
+def test_card_names_its_eval_text_use_limits_and_tools(run_dir: Path) -> None:
+    """The eval text (bundled file, or a Hub dataset with its revision) and its token
+    count, intended use, limitations, and the tool versions the machine stage recorded."""
+    (run_dir / "machine.json").write_text(
+        json.dumps({**MACHINE, "mlx": "9.8.7", "mlx_lm": "6.5.4"})
+    )
+    try:
+        text = build_card(_config(run_dir)).read_text()
+    finally:
+        (run_dir / "machine.json").unlink()
+    quality = _section(text, "Quality vs the original")
+    assert "2,032 tokens (16 windows) of tierquant's bundled `tierquant/assets/corpus.txt`" in (
+        " ".join(quality.split())
+    )
+    from tierquant import __version__  # the card stage passes it
+
+    assert f"Made with tierquant {__version__}, mlx-lm 6.5.4 (mlx 9.8.7)." in text
+    assert "Testing and demonstrating the pipeline" in _section(text, "Intended use")
+    limits = " ".join(_section(text, "Limitations").split())
+    assert "2,032 tokens of one text, tierquant's bundled" in limits
+    assert "top-64 tokens plus a rest bin" in limits
+
+    hub = build_card(
+        _config(
+            run_dir,
+            "eval.source=hub",
+            "eval.repo_id=someone/texts",
+            "eval.revision=0123abc",
+            "eval.files=eval.jsonl",
+        )
+    ).read_text()
+    assert "of the Hub dataset `someone/texts` at revision `0123abc`, files `eval.jsonl`" in (
+        " ".join(hub.split())
+    )
+
+
+def test_cpu_backend_speeds_carry_a_note(run_dir: Path, tmp_path: Path) -> None:
+    """A benchmark on MLX's CPU backend says its speeds say nothing about Metal; one on
+    Metal does not."""
+    cpu = _section(build_card(_config(run_dir)).read_text(), "Speed: this model vs the original")
+    assert "MLX's **CPU backend**" in cpu and "nothing about speed on a Mac" in cpu
+    (tmp_path / "machine.json").write_text(json.dumps({**MACHINE, "backend": "metal"}))
+    config = _config(run_dir)
+    paths = replace(config.paths, machine=str(tmp_path / "machine.json"), card=str(tmp_path / "c"))
+    metal = build_card(replace(config, paths=paths)).read_text()
+    assert "CPU backend" not in metal
 
 
 def test_card_says_which_rounding_on_what_calibration_text(run_dir: Path) -> None:

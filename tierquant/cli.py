@@ -58,9 +58,13 @@ maintenance:
   compare [options]    one row per experiment (and the workspace, main): what it
                        changed (`experts=4`, `auto 3.3 bpw`), bits/weight, GiB, KLD,
                        top-1, tok/s, peak memory, passed; --wide, --sort KEY, --csv, --md
-  sweep [args]         gather every experiment's (bits/weight, kld_mean, top-1) from
-                       `dvc exp show --json` into metrics/sweep.json, which the card
-                       reads to place its model on the curve (extra args go to dvc)
+  sweep run [options]  the Pareto sweep in one command: queue recipe=auto at several
+                       budgets and the hand recipes (gate off), run them, wait, and
+                       write sweep/ (points.json, table.md, kld.png, top1.png, dvc
+                       plots); `tierquant sweep run --help`, docs/sweep.md
+  sweep [args]         only gather: every experiment's point from `dvc exp show
+                       --json` (extra args go to it) into sweep/, which the card
+                       reads to place its model on the curve
 
 Run inside a tierquant checkout. Compare experiments with `tierquant compare`.
 """
@@ -123,11 +127,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     sweep = sub.add_parser(
         "sweep",
-        help="experiments' quality vs size -> metrics/sweep.json (the card's curve)",
-        description="Run `dvc exp show --json` (extra args passed on, e.g. --all-commits) "
-        "and write every experiment's bits per weight, kld_mean and top-1 to "
-        "metrics/sweep.json (paths.sweep), sorted by size; `dvc repro card` then says where "
-        "the model sits on that curve.",
+        help="the Pareto sweep: `sweep run` runs it; `sweep` alone gathers it -> sweep/",
+        description="`tierquant sweep run [options]` runs the Pareto sweep (queue budgets "
+        "and hand recipes, run, wait, gather: `tierquant sweep run --help`). `tierquant "
+        "sweep [args]` only gathers: it reads `dvc exp show --json` (args passed on, e.g. "
+        "--all-commits) and writes every experiment's bits per weight, kld_mean and top-1, "
+        "named by what it changed, into paths.sweep (sweep/: points.json, table.md, "
+        "kld.png, top1.png, plots/); `dvc repro card` then says where the model sits on "
+        "that curve.",
     )
     sweep.add_argument("args", nargs=argparse.REMAINDER, help="passed on to dvc exp show")
     verify.add_argument("--repo", type=Path, default=None, help="the checkout (default: here)")
@@ -197,35 +204,47 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def sweep(extra: list[str]) -> int:
-    """Write paths.sweep from `dvc exp show --json` (+ `extra`) and print the points."""
-    import json
-    import shutil
+def _sweep_dir(root: Path) -> Path:
+    from tierquant.config import compose, validate
 
-    from tierquant.config import compose, project_root, validate
-    from tierquant.report.pareto import write_sweep
+    return root / validate(compose([])).paths.sweep
+
+
+def sweep(extra: list[str]) -> int:
+    """`tierquant sweep [args]`: gather the points of `dvc exp show --json` (+ `extra`)
+    into paths.sweep (tierquant.report.sweep.gather)."""
+    from tierquant.config import project_root
+    from tierquant.report.sweep import gather
 
     root = project_root()
-    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
-    shown = subprocess.run(
-        [dvc, "exp", "show", "--json", *extra], cwd=root, capture_output=True, text=True
-    )
-    if shown.returncode != 0:
-        raise TierquantError(f"dvc exp show failed: {shown.stderr.strip()[-500:]}")
-    out = root / validate(compose([])).paths.sweep
-    points = write_sweep(json.loads(shown.stdout), out)
-    print(f"{'bits/weight':>11}  {'kld_mean':>8}  {'top-1':>6}  recipe (budget)  experiment")
-    for p in points:
-        top1 = "" if p["top1_agreement"] is None else f"{p['top1_agreement']:.4f}"
-        print(
-            f"{p['bits_per_weight']:>11.4f}  {p['kld_mean']:>8.4f}  {top1:>6}  "
-            f"{p['recipe']} ({p['budget']})  {p['name']}"
-        )
-    print(
-        f"wrote {out.relative_to(root)}: {len(points)} points; `dvc repro card` places "
-        "this model on the curve"
-    )
+    gather(root=root, out_dir=_sweep_dir(root), dvc_args=extra)
     return 0
+
+
+def sweep_run_parser() -> argparse.ArgumentParser:
+    from tierquant.report.sweep import DESCRIPTION, add_run_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="tierquant sweep run",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_run_arguments(parser)
+    return parser
+
+
+def sweep_run(argv: list[str]) -> int:
+    """`tierquant sweep run [options]` (tierquant.report.sweep.run_command)."""
+    from tierquant.config import compose, project_root, validate
+    from tierquant.report.sweep import run_command
+
+    args = sweep_run_parser().parse_args(argv)
+    root = project_root()
+
+    def check(overrides: list[str]) -> None:
+        validate(compose(overrides))
+
+    return run_command(args, root=root, out_dir=_sweep_dir(root), check=check)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in dict(STAGES):  # everything after the name is the stage's
             return run_stage(argv[0], argv[1:])
+        if argv[:2] == ["sweep", "run"]:
+            return sweep_run(argv[2:])
         if argv and argv[0] == "sweep" and not {"-h", "--help"} & set(argv[1:]):
             return sweep(argv[1:])
         args = parser.parse_args(argv)

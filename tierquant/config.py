@@ -82,7 +82,7 @@ class PathsConfig:
     measure: str = "data/measure"  # damage per allocation group x precision (measure stage)
     measure_plot: str = "metrics/measure_damage.csv"  # the same, for the dvc plots heatmap
     pareto: str = "metrics/pareto.json"  # this run's (bpw, kld_mean, top-1) for the sweep plot
-    sweep: str = "metrics/sweep.json"  # every experiment's point (`tierquant sweep`), for the card
+    sweep: str = "sweep"  # the Pareto sweep's folder (tierquant.report.sweep), for the card
     check: str = "metrics/checked.txt"  # the check stage's stamp (constant bytes)
 
 

@@ -56,17 +56,6 @@ class CalibrationSet(TextSet):
     """
 
 
-def text_description(text: TextSet) -> str:
-    """Which text a set reads, for people (the model card): the bundled corpus, a local
-    file, or a Hub dataset's files at a revision."""
-    if text.source == "hub":
-        at = f"@{text.revision}" if text.revision else ""
-        return f"the Hub dataset `{text.repo_id}`{at} (`{text.files}`)"
-    if text.path is None:
-        return "the bundled public-domain English corpus (`tierquant/assets/corpus.txt`)"
-    return f"`{Path(text.path).name}`"
-
-
 def load_corpus() -> str:
     """Return the bundled public-domain English corpus (``tierquant/assets/corpus.txt``)."""
     return resources.files("tierquant").joinpath("assets/corpus.txt").read_text(encoding="utf-8")

@@ -27,7 +27,7 @@ from tierquant.core.files import atomic_output, read_json
 from tierquant.errors import TierquantError
 from tierquant.plan.planfile import read_plan
 from tierquant.plan.size import GIB
-from tierquant.report.pareto import curve_position
+from tierquant.report.pareto import curve_chart, curve_position
 from tierquant.report.provenance import describe_revision, repro_command
 from tierquant.report.release import CARD_NAME, made_from
 
@@ -39,6 +39,7 @@ OPS = {"<=": "≤", ">=": "≥", "<": "<", ">": ">"}
 # not memory bandwidth, limits generation: bandwidth bounds are not quoted.
 BANDWIDTH_MIN_BYTES = 100 * 2**20
 SPEED_CHART = "speed.png"
+CURVE_CHART = "curve.png"  # the sweep's KLD vs bits per weight, this model starred
 
 
 def _maybe_json(path: Path) -> dict[str, Any] | None:
@@ -301,6 +302,53 @@ def _machine(machine: dict[str, Any] | None, bench: dict[str, Any] | None) -> st
     return ", ".join(parts) + (f" ({', '.join(filter(None, [backend, versions]))})")
 
 
+def _backend(machine: dict[str, Any] | None, bench: dict[str, Any] | None) -> str | None:
+    """The MLX backend the benchmark ran on ("metal", "cuda", "cpu"), if recorded."""
+    m = machine or (bench or {}).get("machine") or {}
+    return m.get("backend")
+
+
+def made_with(machine: dict[str, Any] | None, tierquant_version: str | None = None) -> str:
+    """`tierquant X, mlx-lm Y (mlx Z)`: tierquant's version (the stage passes its
+    `__version__`; else the installed one), and the MLX stack the machine stage recorded
+    (the one that ran the benchmark), else the installed one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "?"
+
+    m = machine or {}
+    mlx_lm = m.get("mlx_lm") or installed("mlx-lm")
+    mlx = m.get("mlx") or installed("mlx")
+    return f"tierquant {tierquant_version or installed('tierquant')}, mlx-lm {mlx_lm} (mlx {mlx})"
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """A text the run read (params `eval` or `calibration`), as the card names it."""
+
+    source: str  # "text" | "hub"
+    path: str | None = None  # text: a file; None = the bundled corpus
+    repo_id: str | None = None  # hub: dataset repo
+    revision: str | None = None
+    files: str | None = None
+    text_column: str | None = None
+
+    def describe(self) -> str:
+        """The text in words, with where to get it."""
+        if self.source == "hub":
+            rev = f" at revision `{self.revision}`" if self.revision else " (no revision pinned)"
+            files = f", files `{self.files}`" if self.files else ""
+            column = f", column `{self.text_column}`" if self.text_column else ""
+            return f"the Hub dataset `{self.repo_id}`{rev}{files}{column}"
+        if self.path:
+            return f"the text file `{self.path}`"
+        return "tierquant's bundled `tierquant/assets/corpus.txt` (public-domain English prose)"
+
+
 def _tags(precisions: list[str]) -> list[str]:
     bits = []
     for p in precisions:
@@ -357,7 +405,7 @@ class CardInputs:
     benchmark_dir: Path  # <dir>/model.json and original.json (missing: "not measured")
     machine: Path
     predicted: Path | None = None  # predict's metrics: the budget, for recipe=auto
-    sweep: Path | None = None  # `tierquant sweep`'s points (missing or empty: no sweep)
+    sweep: Path | None = None  # the sweep's points.json (missing or empty: no sweep)
 
 
 @dataclass(frozen=True)
@@ -406,6 +454,8 @@ def card_context(
     chips: dict[str, float],
     provenance: dict[str, Any],
     rounding: Rounding | None = None,
+    eval_text: TextSource | None = None,
+    tierquant_version: str | None = None,
 ) -> tuple[ModelCardData, dict[str, Any]]:
     """The card's metadata and template variables, from this run's files.
 
@@ -483,6 +533,10 @@ def card_context(
         "validation": _validation(validate_metrics),
         "quality": _quality(validate_metrics),
         "machine": _machine(_maybe_json(inputs.machine), model_bench),
+        "backend": _backend(_maybe_json(inputs.machine), model_bench),
+        "made_with": made_with(_maybe_json(inputs.machine), tierquant_version),
+        "eval_text": (eval_text or TextSource(source="text")).describe(),
+        "curve_chart": None,  # set by build_card once the chart is written
         "speed": _speed(model_bench, original_bench),
         "speed_chart": None,  # set by build_card once the chart is written
         "fit": _fit(model_bench),
@@ -559,8 +613,6 @@ def _curve(
     rows = [
         {
             "name": p["name"],
-            "recipe": p["recipe"],
-            "budget": p["budget"],
             "bpw": _num(p["bits_per_weight"], 4),
             "kld": _num(p["kld_mean"], 4),
             "top1": _num(p.get("top1_agreement"), 4),
@@ -583,6 +635,7 @@ def _curve(
         },
         "bpw": _num(bpw, 4),
         "kld": _num(kld, 4),
+        "at": (bpw, kld),  # the chart's star
     }
 
 
@@ -595,7 +648,8 @@ def build_card(*, out: Path, template: Path = TEMPLATE, **context_args: Any) -> 
     """The card stage: `out/README.md` and its chart (speed.png), atomically.
 
     `context_args` are card_context's (inputs, repo_id, source, recipe_name, group_size,
-    chips, provenance).
+    chips, provenance, eval_text, tierquant_version). With a sweep, the curve's chart
+    (curve.png) too.
     """
     if not template.is_file():
         raise TierquantError(f"card template {template} is missing")
@@ -609,6 +663,11 @@ def build_card(*, out: Path, template: Path = TEMPLATE, **context_args: Any) -> 
             tmp / SPEED_CHART,
         )
         context["speed_chart"] = SPEED_CHART if chart else None
+        points = _maybe_json(inputs.sweep) if inputs.sweep and context["curve"] else None
+        if points:
+            at = context["curve"]["at"]
+            curve = curve_chart(points, tmp / CURVE_CHART, metric="kld_mean", highlight=at)
+            context["curve_chart"] = CURVE_CHART if curve else None
         card = ModelCard.from_template(card_data, template_path=str(template), **context)
         (tmp / CARD_NAME).write_text(str(card).rstrip() + "\n", encoding="utf-8")
     log.info("wrote %s", out / CARD_NAME)

@@ -1,12 +1,11 @@
-"""pareto stage: this run's point on the size/quality curve, for `dvc plots` across
-experiments: `metrics/pareto.json` = [{recipe, budget, bits_per_weight, kld_mean,
-top1_agreement}] from validate's metrics (a one-row list: what DVC's plots read).
+"""A model's point on the size/quality curve, and that curve drawn.
 
-The sweep (README, "Measured allocation"): queue budgets and the hand recipes with
-`dvc exp run --queue`, run `dvc queue start`, then `dvc plots diff $(dvc exp list
---name-only) --targets pareto_kld pareto_top1` draws one point per experiment, and
-`tierquant sweep` gathers every experiment's point (from `dvc exp show --json`) into
-`metrics/sweep.json`, which the card reads to say where its model sits on the curve.
+The pareto stage writes this run's point, `metrics/pareto.json` = [{recipe, budget,
+bits_per_weight, kld_mean, top1_agreement}] from validate's metrics (a one-row list: what
+DVC's `pareto_kld`/`pareto_top1` plots read across experiments). The sweep
+(tierquant.report.sweep, docs/sweep.md) gathers every experiment's point into
+`<paths.sweep>/points.json`; the card reads that file to say where its model sits on the
+curve (`curve_position`), and both draw it with `curve_chart`.
 """
 
 from __future__ import annotations
@@ -18,6 +17,13 @@ from tierquant.core.files import atomic_output, json_bytes, read_json
 from tierquant.errors import TierquantError
 
 FIELDS = ("bits_per_weight", "kld_mean", "top1_agreement")
+# The sweep's points in paths.sweep (a folder: tierquant.report.sweep says why).
+POINTS = "points.json"
+# The charts: metric -> (title, axis label, lower is better).
+METRICS: dict[str, tuple[str, str, bool]] = {
+    "kld_mean": ("KLD mean", "KLD mean vs the original (nats/token)", True),
+    "top1_agreement": ("Top-1 agreement", "top-1 agreement with the original", False),
+}
 
 
 def pareto_point(
@@ -48,57 +54,6 @@ def _budget_label(budget: dict[str, Any] | None) -> str:
     return f"fits {fit.get('memory_gib')} GiB @ {fit.get('context')} ({fit.get('wired_limit')})"
 
 
-# What `dvc exp show --json` holds per experiment that a sweep point needs: the headline
-# quality metrics file (tierquant.report.headline) and params.yaml.
-HEADLINE_QUALITY = "metrics/headline/quality.json"
-
-
-def sweep_points(exp_show: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every experiment's point in `dvc exp show --json` output, sorted by bits per weight
-    (the workspace and baselines too; the same point twice is kept once)."""
-    points: dict[tuple, dict[str, Any]] = {}
-    for baseline in exp_show:
-        rev = str(baseline.get("rev"))
-        entries = [
-            (baseline.get("name") or (rev if rev == "workspace" else rev[:7]), baseline.get("data"))
-        ]
-        for exp in baseline.get("experiments") or []:
-            revs = exp.get("revs") or [{}]
-            entries.append((exp.get("name") or str(revs[0].get("rev"))[:7], revs[0].get("data")))
-        for name, data in entries:
-            data = data or {}
-            quality = (data.get("metrics") or {}).get(HEADLINE_QUALITY, {}).get("data") or {}
-            params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
-            if not all(isinstance(quality.get(k), (int, float)) for k in ("bpw", "kld_mean")):
-                continue
-            recipe = (params.get("recipe") or {}).get("name", "?")
-            budget = params.get("budget") if recipe == "auto" else None
-            point = {
-                "name": name,
-                "recipe": recipe,
-                "budget": _budget_label(budget),
-                "bits_per_weight": quality["bpw"],
-                "kld_mean": quality["kld_mean"],
-                "top1_agreement": quality.get("top1"),
-            }
-            key = (point["recipe"], point["budget"], point["bits_per_weight"], point["kld_mean"])
-            points.setdefault(key, point)
-    return sorted(points.values(), key=lambda p: (p["bits_per_weight"], p["kld_mean"]))
-
-
-def write_sweep(exp_show: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
-    """`out` (metrics/sweep.json): the sweep's points; an error if there are none."""
-    points = sweep_points(exp_show)
-    if not points:
-        raise TierquantError(
-            "dvc exp show lists no experiment with quality metrics: run the sweep first "
-            '(README, "The Pareto sweep")'
-        )
-    with atomic_output(Path(out), is_dir=False) as tmp:
-        tmp.write_bytes(json_bytes(points))
-    return points
-
-
 def curve_position(
     points: list[dict[str, Any]], bits_per_weight: float, kld_mean: float
 ) -> dict[str, Any]:
@@ -116,3 +71,88 @@ def curve_position(
         if p["bits_per_weight"] >= bits_per_weight - 1e-9 and p["kld_mean"] > kld_mean + 1e-12
     ]
     return {"on_front": not beaten_by, "beaten_by": beaten_by, "beats": beats}
+
+
+def front(points: list[dict[str, Any]], metric: str = "kld_mean") -> list[dict[str, Any]]:
+    """The Pareto front of `points` for `metric` (METRICS says which way is better): the
+    points no point at most as large beats, sorted by bits per weight."""
+    lower = METRICS[metric][2]
+
+    def better(a: float, b: float) -> bool:
+        return a < b - 1e-12 if lower else a > b + 1e-12
+
+    have = [p for p in points if isinstance(p.get(metric), (int, float))]
+    return sorted(
+        (
+            p
+            for p in have
+            if not any(
+                q["bits_per_weight"] <= p["bits_per_weight"] + 1e-9 and better(q[metric], p[metric])
+                for q in have
+            )
+        ),
+        key=lambda p: p["bits_per_weight"],
+    )
+
+
+def curve_chart(
+    points: list[dict[str, Any]],
+    out: Path,
+    *,
+    metric: str = "kld_mean",
+    highlight: tuple[float, float] | None = None,
+) -> bool:
+    """`metric` against bits per weight as a PNG: every point labelled by its `name`, the
+    Pareto front joined, `highlight` (bits per weight, value: a card's own model) starred.
+    Rendered offline (matplotlib's Agg, no metadata: the same points give the same
+    bytes). False (nothing written) when no point has `metric`."""
+    have = [p for p in points if isinstance(p.get(metric), (int, float))]
+    if not have:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    title, label, _ = METRICS[metric]
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=100)
+    best = front(have, metric)
+    ax.plot(
+        [p["bits_per_weight"] for p in best],
+        [p[metric] for p in best],
+        "-",
+        color="C0",
+        alpha=0.4,
+        label="Pareto front",
+    )
+    ax.scatter([p["bits_per_weight"] for p in have], [p[metric] for p in have], color="C0")
+    for p in have:
+        ax.annotate(
+            str(p.get("name", "")),
+            (p["bits_per_weight"], p[metric]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
+    if highlight is not None:
+        ax.scatter(
+            [highlight[0]],
+            [highlight[1]],
+            marker="*",
+            s=220,
+            color="C3",
+            zorder=3,
+            label="this model",
+        )
+    ax.set_xlabel("bits per weight")
+    ax.set_ylabel(label)
+    ax.set_title(f"{title} vs bits per weight")
+    ax.margins(x=0.1, y=0.1)  # room for the labels
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_output(out, is_dir=False) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return True
