@@ -91,3 +91,17 @@ def test_dvc_plots_show_writes_an_offline_page(tmp_path):
     check_offline_page(html)
     assert html.count("vegaEmbed('#") == 3
     assert "cdn.jsdelivr.net" not in html
+
+
+@pytest.mark.slow
+def test_no_plot_is_drawn_against_step(tmp_path):
+    """`dvc plots show` with no targets draws every declared plot: metrics/pareto.json is
+    drawn by pareto_kld/pareto_top1 (against bits per weight) only, never against DVC's
+    default `step` (it is the pareto stage's out, not a plot of its own)."""
+    repo = copy_repo(tmp_path / "repo")
+    run(["dvc", "plots", "show"], repo)
+    html = (repo / "dvc_plots" / "index.html").read_text("utf-8")
+    check_offline_page(html)
+    axes = set(re.findall(r'"title": *"([^"]*)"', html))  # the charts' axis titles
+    assert "bits_per_weight" in axes and "step" not in axes, axes
+    assert "metrics/pareto.json" not in html
