@@ -4,7 +4,7 @@ the first, a middle and the last layer, it equals the end-to-end KL of the whole
 by mlx-lm's own `nn.quantize` (fake-quantized for embed_tokens and lm_head, whose rows
 measure fake-quantizes). Before #28 measure was exact only for the last layer and
 lm_head: it projected each group's perturbation straight onto the head, and on the
-trained model under-estimated embed_tokens ~1000× (docs/tiny-model.md)."""
+trained model under-estimated embed_tokens ~900× (docs/tiny-model.md)."""
 
 from __future__ import annotations
 

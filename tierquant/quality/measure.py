@@ -20,15 +20,17 @@ docs/tiny-model.md compare it with validate's measured kld_mean).
 Why not cheaper. Until #28 the perturbation δ = block_i(h_i; group quantized) −
 block_i(h_i) was added to the reference's LAST hidden state and scored there ("head-
 projected layer-local"): the identity path only, the later layers' response dropped.
-On the trained tiny model that under-estimates early groups by 2-10× and embed_tokens by
-~1000× (a 2-bit embedding: 6.4e-5 projected, 0.058 end to end), because every later
-pre-norm layer sees δ relative to the small early residual, not the large final one;
-recipe=auto then put the embedding at 2 bits and lost to the hand recipes
-(docs/tiny-model.md). Cost of carrying: one layer run per (group, candidate) where it
-acts, as before, plus one per later layer — Σ over layers of the states carried, about
-(L − 1)/2 more layer runs per state (a run over all carried states is one batched
-call) — and the carried states' memory: groups so far × candidates × calibration tokens
-× hidden × 4 bytes (tiny: ~20 MB; 120B at 16 × 128 tokens: ~20 GB at the last layer).
+On the trained tiny model that under-estimates the groups of layers 0-3 by 2-4× (median;
+up to 25×) and embed_tokens by ~900× (a 2-bit embedding: 6.4e-5 projected, 0.058 end
+to end), because every later pre-norm layer sees δ relative to the small early
+residual, not the large final one; recipe=auto then put the embedding at 2 bits and
+lost to the hand recipes (docs/tiny-model.md).
+
+Cost of carrying: one layer run per (group, candidate) where the group acts, as before,
+plus one per later layer for each state carried, about (L − 1)/2 more per state (the
+states carried into a layer run through it in one batched call); and the carried
+states' memory: groups so far × candidates × calibration tokens × hidden × 4 bytes
+(tiny: ~20 MB; 120B at 16 × 128 tokens: ~20 GB at the last layer).
 
 Forwards run on the original (experts in mxfp4, as reference runs it). A decoder group
 at a candidate is its modules swapped for mlx-lm's own quantized modules holding the
