@@ -80,7 +80,7 @@ def main() -> None:
     if (root / "measure" / "damage.json").is_file():  # a rerun: measure's inputs unchanged
         print("measure: reused", root / "measure", flush=True)
     else:
-        run_stages(cfg, ["measure"])
+        run_stages(cfg, ["calibration", "measure"])
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(
             f"measure: {time.perf_counter() - t:.0f} s "

@@ -3,24 +3,34 @@ calibration set, streamed layer by layer → data/measure/damage.json (+ a heatm
 
 The damage measure, and why. What the allocation minimises is the quantized model's
 KL divergence from the original (validate's `kld_mean`), so damage is in those units:
-nats per token. Measuring it end to end for every group and candidate would cost one
-whole-model forward per (group, candidate) — ~900 forwards of gpt-oss-120b — so each
-group is measured where it acts and carried to the output along the residual stream:
+nats per token, end to end:
 
-    δ = block_i(h_i; group quantized) − block_i(h_i)        (h_i: the reference input)
-    damage = mean over calibration tokens of KL( softmax(head(h_L)) ‖ softmax(head(h_L + δ)) )
+    damage(group, p) = mean over calibration tokens of KL( P_original ‖ P_group at p )
 
-with h_L the reference's last hidden state and `head` the final norm + lm_head. Every
-decoder layer adds its update to the residual stream, so a perturbation reaches the head
-through the identity path plus the later layers' (small) response to it; this keeps the
-identity path and the head's full non-linearity (softmax, norm), and drops the later
-layers' response. `lm_head` is measured exactly (the head itself quantized on h_L), and
-`embed_tokens` by its δ at the first layer's input. The damages of several groups add:
-the plan's predicted damage is their sum, and docs/allocation.md compares it with
-validate's measured kld_mean. Cost: two reference forwards plus one layer run and one head pass per
-(group, candidate) — about 27 layer-forwards per layer at 120B instead of 900 model
-forwards — with one layer's weights resident (tierquant.quality.stream), the calibration set's
-h_i, h_{i+1} and h_L carried.
+with only that group quantized (at p) and every other tensor the original's. Streamed:
+the group's layer runs with its modules quantized on the reference input h_i, and the
+perturbed hidden state that leaves it is carried through every later layer (one layer's
+weights resident: each layer advances every state carried from the groups before it),
+then scored at the head (final norm + lm_head, in vocab slices). `embed_tokens` is its
+fake-quantized embedding carried from the first layer; `lm_head` the head itself
+quantized on the reference's last hidden state. The damages of several groups are
+assumed to add: the plan's predicted damage is their sum (docs/allocation.md and
+docs/tiny-model.md compare it with validate's measured kld_mean).
+
+Why not cheaper. Until #28 the perturbation δ = block_i(h_i; group quantized) −
+block_i(h_i) was added to the reference's LAST hidden state and scored there ("head-
+projected layer-local"): the identity path only, the later layers' response dropped.
+On the trained tiny model that under-estimates the groups of layers 0-3 by 2-4× (median;
+up to 25×) and embed_tokens by ~900× (a 2-bit embedding: 6.4e-5 projected, 0.058 end
+to end), because every later pre-norm layer sees δ relative to the small early
+residual, not the large final one; recipe=auto then put the embedding at 2 bits and
+lost to the hand recipes (docs/tiny-model.md).
+
+Cost of carrying: one layer run per (group, candidate) where the group acts, as before,
+plus one per later layer for each state carried, about (L − 1)/2 more per state (the
+states carried into a layer run through it in one batched call); and the carried
+states' memory: groups so far × candidates × calibration tokens × hidden × 4 bytes
+(tiny: ~20 MB; 120B at 16 × 128 tokens: ~20 GB at the last layer).
 
 Forwards run on the original (experts in mxfp4, as reference runs it). A decoder group
 at a candidate is its modules swapped for mlx-lm's own quantized modules holding the
@@ -46,9 +56,9 @@ from tierquant.quality.klstats import row_lse64
 
 log = logging.getLogger(__name__)
 
-# The method's name in damage.json, kept as first written (it named the module then) so
-# that the same damages keep the same bytes and the cache hits.
-MEASURE_NAME = "head-projected layer-local KLD (tierquant.measure)"
+# The method's name in damage.json (the layer-local one before #28 was "head-projected
+# layer-local KLD (tierquant.measure)").
+MEASURE_NAME = "end-to-end KLD, each group's perturbation carried through the later layers"
 
 
 def fake_quantize(w, precision):
@@ -151,19 +161,17 @@ def measure_damage(
         del h
         head = HeadKL(sm, h_last, vocab_chunk)
 
-        def deltas_to_kl(pairs):
-            finals = [h_last + delta[:, :-1].reshape(-1, d) for _, delta in pairs]
-            return dict(zip((label for label, _ in pairs), head.mean_kl(finals), strict=True))
-
         by_name = {g.name: g for g in groups}
-        # embed_tokens: δ at the first layer's input
+        # Each (group, candidate) leaves a perturbed hidden state where it acts; it is
+        # carried through every later layer (`carried`, advanced one resident layer at a
+        # time) and scored at the head after the last.
+        carried: dict[str, list[tuple[str, Any]]] = {}
+        # embed_tokens: its candidates' embeddings enter the first layer
         g = by_name["embed_tokens"]
-        pairs = []
-        for p in affine:
-            e = sm.embed(tokens, row_transform=lambda _n, rows, p=p: fake_quantize(rows, p))
-            pairs.append((p.label, e - h0))
-        out[g.name] = {**deltas_to_kl(pairs), **free(g)}
-        log.info("measured %s", g.name)
+        carried[g.name] = [
+            (p.label, sm.embed(tokens, row_transform=lambda _n, rows, p=p: fake_quantize(rows, p)))
+            for p in affine
+        ]
         # decoder layers
         h = h0
         del h0
@@ -171,6 +179,8 @@ def measure_damage(
             # read once per layer, not once per candidate run (~25 runs a layer)
             weights = sm.layer_weights(i)
             ref_out = sm.run_layer(i, h, batch_size=batch_size, weights=weights)
+            for name, states in carried.items():  # the earlier groups' states, one layer on
+                carried[name] = advance(sm, i, states, batch_size=batch_size, weights=weights)
             for g in (x for x in groups if x.layer == i):
                 # An expert group's own arrays are the layer's largest and its candidate
                 # runs replace them: not resident meanwhile (candidate_rows reads the
@@ -182,7 +192,7 @@ def measure_damage(
                         if k not in biases:
                             del weights[k]
                     mx.clear_cache()
-                pairs = []
+                states = []
                 for p in affine:
                     modules = {
                         w.module: quantized_module(
@@ -198,19 +208,25 @@ def measure_damage(
                         i, h, batch_size=batch_size, weights=weights, module_overrides=modules
                     )
                     del modules
-                    pairs.append((p.label, y - ref_out))
+                    states.append((p.label, y))
                 if g.is_experts:  # back, to be read once more by the next group's first run
                     fresh = sm.layer_weights(i)
                     weights.update({k: fresh[k] for k in own if k not in biases})
                     del fresh
-                out[g.name] = {**deltas_to_kl(pairs), **free(g)}
-                del pairs
-                log.info("measured %s", g.name)
+                carried[g.name] = states
+                del states
             del weights
             h = ref_out
             mx.clear_cache()
+            log.info("measured layer %d (%d groups carried)", i, len(carried))
         del h
-        # lm_head: exact (the head quantized, on the reference's last hidden states)
+        for name, states in carried.items():  # every state is now after the last layer
+            finals = [s[:, :-1].reshape(-1, d) for _, s in states]
+            kl = head.mean_kl(finals)
+            scored = dict(zip((label for label, _ in states), kl, strict=True))
+            out[name] = {**scored, **free(by_name[name])}
+        del carried
+        # lm_head: the head quantized, on the reference's last hidden states
         g = by_name["lm_head"]
         out[g.name] = {
             p.label: head.mean_kl([], row_transform=lambda _n, rows, p=p: fake_quantize(rows, p))[0]
@@ -219,6 +235,20 @@ def measure_damage(
         out[g.name].update(free(g))
         log.info("measured %s", g.name)
     return {g.name: out[g.name] for g in groups}
+
+
+def advance(sm, index: int, states, *, batch_size: int, weights):
+    """[(label, hidden [N, L, D])] → the same after decoder layer `index` (its resident
+    `weights`), all states in one run_layer call (they are windows like any other)."""
+    import mlx.core as mx
+
+    if not states:
+        return states
+    n = states[0][1].shape[0]
+    y = sm.run_layer(
+        index, mx.concatenate([s for _, s in states]), batch_size=batch_size, weights=weights
+    )
+    return [(label, y[k * n : (k + 1) * n]) for k, (label, _) in enumerate(states)]
 
 
 def candidate_rows(weight, *, original, weights: dict[str, Any]):
