@@ -23,6 +23,7 @@ def run(config: Config) -> None:
         batch_size=config.calibration.batch_size,
         out=Path(config.paths.measure),
         plot=Path(config.paths.measure_plot),
+        carry_layers=config.measure.carry_layers,
     )
 
 

@@ -92,6 +92,9 @@ class MeasureConfig:
     affine bits (at quant.group_size) and `mxfp4` (expert groups only)."""
 
     candidates: list[Any] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8, "mxfp4"])
+    # Later layers a group's perturbation is carried through before it is projected onto
+    # the last hidden state (tierquant.quality.measure): None = every one (end to end).
+    carry_layers: int | None = None
 
 
 ROUNDINGS = ("rtn", "gptq")
@@ -217,6 +220,7 @@ def _check_recipe_and_tiers(config: Config, *, runnable: bool = True) -> None:
     precisions = config.precisions()
     group_size = config.quant.group_size
     parse_candidates(config.measure.candidates, group_size, "measure.candidates")
+    _check_range("measure.carry_layers", config.measure.carry_layers, 0)
     router_precision(config.budget.router, group_size)
     if config.recipe.allocate:
         check_auto_tiers(precisions)

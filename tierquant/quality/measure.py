@@ -26,11 +26,18 @@ to end), because every later pre-norm layer sees δ relative to the small early
 residual, not the large final one; recipe=auto then put the embedding at 2 bits and
 lost to the hand recipes (docs/tiny-model.md).
 
-Cost of carrying: one layer run per (group, candidate) where the group acts, as before,
-plus one per later layer for each state carried, about (L − 1)/2 more per state (the
-states carried into a layer run through it in one batched call); and the carried
-states' memory: groups so far × candidates × calibration tokens × hidden × 4 bytes
-(tiny: ~20 MB; 120B at 16 × 128 tokens: ~20 GB at the last layer).
+Cost of carrying, and the window. One layer run per (group, candidate) where the group
+acts, as before, plus one per later layer for each state carried (the states carried
+into a layer run through it in one batched call); and the carried states' memory:
+groups × candidates × calibration tokens × hidden × 4 bytes. End to end that is about
+(L − 1)/2 more runs per state — at gpt-oss-120b's 36 layers ~18× the layer runs of the
+layer-local measure — and a memory that grows with depth (~20 GB at the last layer at
+16 × 128 calibration tokens). `carry_layers=k` (params `measure.carry_layers`) carries
+each state k layers and then adds what is left of its perturbation (the state minus
+the reference state there) to the reference's last hidden state: k + 1 runs per state,
+at most k layers' states resident (flat in depth), end to end for the groups of the
+last k layers; k=0 is the layer-local measure, None end to end. conf/ sets 1: on the
+trained tiny model the allocation it gives is as good as end to end (docs/allocation.md).
 
 Forwards run on the original (experts in mxfp4, as reference runs it). A decoder group
 at a candidate is its modules swapped for mlx-lm's own quantized modules holding the
@@ -125,11 +132,16 @@ def measure_damage(
     tokens: np.ndarray,
     candidates: Sequence[Any],
     batch_size: int,
+    carry_layers: int | None = None,
     vocab_chunk: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Group name → {precision label: damage} on `tokens` [N, L] (module docstring), run
     on the original checkpoint `original_dir` (its config.json gives the groups' tensors:
-    the float checkpoint's names and shapes). `candidates`: tierquant.core.precision.Precision."""
+    the float checkpoint's names and shapes). `candidates`: tierquant.core.precision.Precision.
+    `carry_layers`: how many later layers a group's perturbed state is carried through
+    before what is left of its perturbation is added to the reference's last hidden state
+    and scored (None: to the last layer, end to end; 0: the head-projected layer-local
+    measure)."""
     import mlx.core as mx
 
     from tierquant.core.checkpoint import Checkpoint
@@ -163,24 +175,43 @@ def measure_damage(
 
         by_name = {g.name: g for g in groups}
         # Each (group, candidate) leaves a perturbed hidden state where it acts; it is
-        # carried through every later layer (`carried`, advanced one resident layer at a
-        # time) and scored at the head after the last.
-        carried: dict[str, list[tuple[str, Any]]] = {}
+        # carried through the later layers (`carried`: name -> (layers carried, states),
+        # advanced one resident layer at a time) until `carry_layers` of them, then
+        # scored: its perturbation (state - the reference state there) added to the
+        # reference's last hidden state. After the last layer that sum is the state itself.
+        carried: dict[str, tuple[int, list[tuple[str, Any]]]] = {}
+
+        def score_done(carried: dict, ref, final: bool = False) -> None:
+            for name in [n for n, (k, _) in carried.items() if final or k == carry_layers]:
+                _, states = carried.pop(name)
+                finals = [h_last + (s - ref)[:, :-1].reshape(-1, d) for _, s in states]
+                kl = head.mean_kl(finals)
+                scored = dict(zip((label for label, _ in states), kl, strict=True))
+                out[name] = {**scored, **free(by_name[name])}
+                log.info("measured %s", name)
+
         # embed_tokens: its candidates' embeddings enter the first layer
         g = by_name["embed_tokens"]
-        carried[g.name] = [
-            (p.label, sm.embed(tokens, row_transform=lambda _n, rows, p=p: fake_quantize(rows, p)))
-            for p in affine
-        ]
-        # decoder layers
+        carried[g.name] = (
+            0,
+            [
+                (p.label, sm.embed(tokens, row_transform=lambda _n, r, p=p: fake_quantize(r, p)))
+                for p in affine
+            ],
+        )
         h = h0
         del h0
+        score_done(carried, h)
+        # decoder layers
         for i in range(sm.num_layers):
             # read once per layer, not once per candidate run (~25 runs a layer)
             weights = sm.layer_weights(i)
             ref_out = sm.run_layer(i, h, batch_size=batch_size, weights=weights)
-            for name, states in carried.items():  # the earlier groups' states, one layer on
-                carried[name] = advance(sm, i, states, batch_size=batch_size, weights=weights)
+            for name, (k, states) in carried.items():  # earlier groups' states, a layer on
+                carried[name] = (
+                    k + 1,
+                    advance(sm, i, states, batch_size=batch_size, weights=weights),
+                )
             for g in (x for x in groups if x.layer == i):
                 # An expert group's own arrays are the layer's largest and its candidate
                 # runs replace them: not resident meanwhile (candidate_rows reads the
@@ -213,19 +244,15 @@ def measure_damage(
                     fresh = sm.layer_weights(i)
                     weights.update({k: fresh[k] for k in own if k not in biases})
                     del fresh
-                carried[g.name] = states
+                carried[g.name] = (0, states)
                 del states
             del weights
             h = ref_out
+            score_done(carried, h)
             mx.clear_cache()
             log.info("measured layer %d (%d groups carried)", i, len(carried))
-        del h
-        for name, states in carried.items():  # every state is now after the last layer
-            finals = [s[:, :-1].reshape(-1, d) for _, s in states]
-            kl = head.mean_kl(finals)
-            scored = dict(zip((label for label, _ in states), kl, strict=True))
-            out[name] = {**scored, **free(by_name[name])}
-        del carried
+        score_done(carried, h, final=True)  # every state left is after the last layer
+        del h, carried
         # lm_head: the head quantized, on the reference's last hidden states
         g = by_name["lm_head"]
         out[g.name] = {
@@ -320,6 +347,7 @@ def measure(
     batch_size: int,
     out: Path,
     plot: Path,
+    carry_layers: int | None = None,
 ) -> dict[str, Any]:
     """The measure stage: the calibration windows (`windows`, from the calibration stage)
     → damage of every group × candidate → `out/damage.json` and the heatmap CSV `plot`."""
@@ -340,6 +368,7 @@ def measure(
         tokens=tokens,
         candidates=precisions,
         batch_size=batch_size,
+        carry_layers=carry_layers,
     )
     groups, _ = allocation_groups(shape_of_checkpoint(Path(original)))
     report = {
@@ -349,6 +378,7 @@ def measure(
         "group_size": group_size,
         "candidates": [p.label if p.mode != "affine" else p.bits for p in precisions],
         "calibration": {"num_windows": int(tokens.shape[0]), "window_length": int(tokens.shape[1])},
+        "carry_layers": carry_layers,
         "compute_dtype": compute_dtype(),
         "groups": {
             g.name: {
