@@ -105,6 +105,7 @@ def test_numeric_params_are_range_checked_naming_the_key(override, key):
         ("measure.candidates=[3,3]", "measure.candidates[1]"),
         ("measure.candidates=[7]", "measure.candidates[0]"),
         ("measure.candidates=[]", "measure.candidates"),
+        ("measure.carry_layers=-1", "measure.carry_layers"),
         ("eval.window_length=1", "eval.window_length"),
         ("calibration.num_windows=0", "calibration.num_windows"),
     ],

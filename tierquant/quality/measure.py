@@ -36,8 +36,8 @@ layer-local measure — and a memory that grows with depth (~20 GB at the last l
 each state k layers and then adds what is left of its perturbation (the state minus
 the reference state there) to the reference's last hidden state: k + 1 runs per state,
 at most k layers' states resident (flat in depth), end to end for the groups of the
-last k layers; k=0 is the layer-local measure, None end to end. conf/ sets 1: on the
-trained tiny model the allocation it gives is as good as end to end (docs/allocation.md).
+last k layers; k=0 is the layer-local measure, None end to end (conf/'s default;
+the real gpt-oss models set 1: docs/allocation.md).
 
 Forwards run on the original (experts in mxfp4, as reference runs it). A decoder group
 at a candidate is its modules swapped for mlx-lm's own quantized modules holding the
