@@ -26,6 +26,7 @@ LONGEST_FIRST = (
     "test_remote.py",
     "test_nothing_lost.py",
     "test_auto_pipeline.py",
+    "test_sweep.py",
     "test_faults.py",
     "test_pipeline.py",
     "test_gptq_pipeline.py",
