@@ -29,7 +29,7 @@ from tierquant.plan.planfile import read_allocation
 HAND = {"seed": [], "mixed_3_6": ["recipe=mixed_3_6"]}
 
 
-SHARED = ("original", "float", "reference", "measure", "measure_plot")  # under --work
+SHARED = ("original", "float", "reference", "calibration", "measure", "measure_plot")  # under --work
 
 
 def build(root: Path, overrides: list[str], name: str) -> dict:
