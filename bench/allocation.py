@@ -29,7 +29,8 @@ from tierquant.plan.planfile import read_allocation
 HAND = {"seed": [], "mixed_3_6": ["recipe=mixed_3_6"]}
 
 
-SHARED = ("original", "float", "reference", "calibration", "measure", "measure_plot")  # under --work
+# under --work, shared by every run
+SHARED = ("original", "float", "reference", "calibration", "measure", "measure_plot")
 
 
 def build(root: Path, overrides: list[str], name: str) -> dict:
