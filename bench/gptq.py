@@ -151,22 +151,32 @@ def run_mlx_lm(w: np.ndarray, h: np.ndarray, bits: int) -> dict:
     return {"seconds": seconds, "cpu": cpu, "objective": objective_of(w, h, parts, bits)}
 
 
-def worker(method: str, shape: str, bits: int, seed: int) -> None:
-    """One measurement in this process; prints a JSON line."""
+def worker(method: str, shape: str, bits: int, seed: int, case: str | None = None) -> None:
+    """One measurement in this process; prints a JSON line. `case`: an .npz holding the
+    weight `w` (float32, bf16-representable) and Hessian `h` to use instead of random ones
+    (bench/gptq_wide.py: real Hessians of the wide model)."""
     if method == "gemm":  # in the workers' environment (OPENBLAS_NUM_THREADS)
         rates = {"float32": gemm_rate(np.float32), "float64": gemm_rate(np.float64)}
         print("RESULT " + json.dumps(rates), flush=True)
         return
-    _, out, width = parse_shape(shape)
-    w, h = make_case(out, width, seed)
+    if case is not None:
+        with np.load(case) as data:
+            w, h = data["w"], data["h"]
+    else:
+        _, out, width = parse_shape(shape)
+        w, h = make_case(out, width, seed)
     runs = {"ours": run_ours, "rtn": run_rtn, "mlx-lm": run_mlx_lm}
     result = runs[method](w, h, bits)
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def measure(method: str, shape: str, bits: int, seed: int, env: dict[str, str]) -> dict:
+def measure(
+    method: str, shape: str, bits: int, seed: int, env: dict[str, str], case: Path | None = None
+) -> dict:
     """`worker` in a fresh process (with `env`): its result, wall time and peak RSS."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, shape, str(bits)]
+    if case is not None:
+        cmd += ["--case", str(case)]
     m = run_measured([*cmd, "--seed", str(seed)], env=env)
     line = next(x for x in m.output.splitlines() if x.startswith("RESULT "))
     return {**json.loads(line[len("RESULT ") :]), "peak_rss": m.peak_rss}
@@ -304,10 +314,11 @@ def main() -> None:
     )
     p.add_argument("--worker", nargs=3, metavar=("METHOD", "SHAPE", "BITS"), help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         method, shape, bits = args.worker
-        worker(method, shape, int(bits), args.seed)
+        worker(method, shape, int(bits), args.seed, args.case)
     elif args.few_tokens:
         for outlier in (20.0, 1.0):
             for bits in args.bits:
