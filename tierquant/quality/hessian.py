@@ -10,7 +10,9 @@ states carried) and yields, for each layer asked for, what its matrices read:
 - o_proj: the attention output it projects;
 - each expert's gate_proj and up_proj: the normed MLP input of the tokens the router
   sends to that expert (top-k), and its down_proj: that expert's SwiGLU activations on
-  them.
+  them;
+- and, with `head=True`, after the last layer: lm_head's input, the final norm of the
+  last hidden state (`HeadInputs`).
 
 They are recorded from mlx-lm's own modules during the layer's run (a module's class is
 swapped, for that run only, for a subclass that keeps its input), so the inputs are
@@ -118,15 +120,17 @@ class LayerInputs:
         *,
         batch_size: int,
         layers: set[int],
-    ) -> Iterator[LayerInputs]:
+        head: bool = False,
+    ) -> Iterator[LayerInputs | HeadInputs]:
         """Run the original over `tokens` [N, L] layer by layer (one layer resident) and
-        yield the inputs of each layer in `layers`, in order; stops after the last."""
+        yield the inputs of each layer in `layers`, in order, then (`head`) lm_head's
+        `HeadInputs`; stops after the last thing asked for."""
         import mlx.core as mx
 
         from tierquant.quality.stream import StreamedModel, compute_dtype
 
-        last = max(layers, default=-1)
         with StreamedModel(Path(original_dir), compute_dtype=compute_dtype()) as sm:
+            last = sm.num_layers - 1 if head else max(layers, default=-1)
             h = sm.embed(tokens)
             for i in range(last + 1):
                 if i not in layers:
@@ -142,6 +146,9 @@ class LayerInputs:
                 mx.clear_cache()
                 log.info("layer %d: inputs of %d tokens recorded", i, inputs.attention.shape[0])
                 yield inputs
+            if head:
+                x = sm.model.model.norm(h.reshape(-1, h.shape[-1])).astype(mx.float32)
+                yield HeadInputs(np.array(x))
 
     @classmethod
     def _collect(cls, layer: int, records: dict[str, list[tuple[Any, Any]]]) -> LayerInputs:
@@ -164,6 +171,20 @@ class LayerInputs:
             down_proj=np.concatenate([r for r, _ in down]),
             expert_ids=ids,
         )
+
+
+@dataclass
+class HeadInputs:
+    """lm_head's input on the calibration windows: the final norm of the last hidden
+    state, [T, hidden] float32. `layer` is None, as lm_head's."""
+
+    rows: np.ndarray
+    layer: None = None
+
+    def hessian(self, kind: str, expert: int | None = None) -> np.ndarray:
+        if kind != "lm_head" or expert is not None:
+            raise ValueError(f"no head Hessian for kind {kind!r} (expert {expert})")
+        return _sum_xtx(self.rows)
 
 
 def _module(block, path: str):
