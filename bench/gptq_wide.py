@@ -67,6 +67,7 @@ LAYERS_120B = 36
 EXPERTS_120B = 128
 TOKENS_120B = 16 * 128  # calibration's default windows (conf/quality/gpt-oss-120b.yaml keeps them)
 HIDDEN, INTERMEDIATE, Q_OUT, KV_OUT, VOCAB = 2880, 2880, 64 * 64, 8 * 64, 201088
+LONG_TOKENS = 256  # the layer-0 forward timed again at this many tokens (per-token cost)
 SEED_120B_GIB = 48.4  # conf/recipe/seed.yaml: the plan's size of gpt-oss-120b, affine g64
 
 
@@ -156,12 +157,18 @@ def save_cases(repo: Path, out: Path) -> dict:
     from tierquant.quality.hessian import LayerInputs
     from tierquant.quality.windows import read_windows
 
+    def layer0(tokens: np.ndarray) -> tuple[LayerInputs, float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        stream = LayerInputs.stream(repo / "data" / "original", tokens, batch_size=1, layers={0})
+        inputs = next(stream)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        stream.close()
+        return inputs, seconds, cpu
+
     tokens = read_windows(repo / "data" / "calibration.npy")
-    t0, c0 = time.perf_counter(), time.process_time()
-    stream = LayerInputs.stream(repo / "data" / "original", tokens, batch_size=1, layers={0})
-    inputs = next(stream)
-    stream_s, stream_cpu = time.perf_counter() - t0, time.process_time() - c0
-    stream.close()
+    inputs, stream_s, stream_cpu = layer0(tokens)
+    # the same forward on LONG_TOKENS (the windows' ids repeated): the per-token cost
+    _, long_s, long_cpu = layer0(np.resize(tokens, (LONG_TOKENS // 128, 128)))
     weights = {}
     for tier in plan_tier_names(repo / "data" / "plan"):
         for t in read_plan(repo / "data" / "plan", tier)["tensors"]:
@@ -184,6 +191,9 @@ def save_cases(repo: Path, out: Path) -> dict:
     result = {
         "stream_s": stream_s,
         "stream_cpu": stream_cpu,
+        "long_s": long_s,
+        "long_cpu": long_cpu,
+        "long_tokens": LONG_TOKENS,
         "tokens": int(tokens.size),
         "cases": cases,
         "recorded_bytes": int(
@@ -202,7 +212,9 @@ def gemm(env: dict[str, str]) -> tuple[float, float]:
     return float(r[0]), float(r[1])
 
 
-def bench_depth(work: Path, layers: int, experts: int, env: dict[str, str], rate: tuple) -> dict:
+def bench_depth(
+    work: Path, layers: int, experts: int, env: dict[str, str], rate: tuple, only: list[str]
+) -> dict:
     repo = prepare_clone(work, MODEL, layers)
     set_depth(repo, experts)
     dvc = str(VENV_BIN / "dvc")
@@ -228,6 +240,8 @@ def bench_depth(work: Path, layers: int, experts: int, env: dict[str, str], rate
     print(head)
     rows = {}
     for tier, (count, gflop) in flops.items():
+        if only and tier not in only:
+            continue
         m, cpu = run_cpu([dvc, "repro", "-s", f"quantize_gptq@{tier}"], repo, env)
         line = next(x for x in STAGE_TIME.finditer(m.output) if x.group(1).endswith(tier))
         stage_s, stage_rss = float(line.group(2)), float(line.group(3)) * 2**20
@@ -327,6 +341,8 @@ def gflop_120b(lm_head: bool) -> dict[str, float]:
 def compare_depths(a: dict, b: dict) -> dict:
     """4 layers against 2: peak RSS ratios and the marginal cost of a layer."""
     la, lb = a["layers"], b["layers"]
+    if la == lb:
+        raise SystemExit("--layers: give two different depths to compare")
     print(f"\n== {lb} layers against {la} ({a['experts']} experts) ==")
     ratios = {}
     for tier in a["tiers"]:
@@ -339,7 +355,7 @@ def compare_depths(a: dict, b: dict) -> dict:
             f"{(rb['stage_s'] - ra['stage_s']) / (lb - la):.1f} s, "
             f"{(rb['cpu_s'] - ra['cpu_s']) / (lb - la):.1f} CPU s"
         )
-    pa = max(r["stage_rss"] for r in a["tiers"].values())
+    pa = max(r["stage_rss"] for r in a["tiers"].values())  # the same tiers at both depths
     pb = max(r["stage_rss"] for r in b["tiers"].values())
     ok = pb / pa <= 1.10
     print(
@@ -378,19 +394,28 @@ def estimate_120b(deep: dict, marginal: float, cases: dict | None, lm_head: bool
     )
     fwd_h = 0.0
     if cases:
-        per_tok = cases["stream_s"] / cases["tokens"]
-        # each tier streams the layers it needs: sensitive and experts all 36, attention up
-        # to its last middle layer (~30): ~3 passes of 36 layers' forwards
-        fwd_h = per_tok * TOKENS_120B * LAYERS_120B * 3 / 3600
+        # one layer's streamed forward = fixed (embedding, the layer's load) + per token;
+        # both measured on layer 0 at two token counts; the fixed part scaled by 128/E
+        # (the layer's expert bytes), the per-token part unchanged (top-4 of any E)
+        d_tok = cases["long_tokens"] - cases["tokens"]
+        per_tok = (cases["long_cpu"] - cases["stream_cpu"]) / d_tok  # CPU seconds
+        fixed = max(0.0, cases["stream_cpu"] - per_tok * cases["tokens"])
+        layer_s = fixed * EXPERTS_120B / e + per_tok * TOKENS_120B
+        # each tier streams the layers it needs: sensitive and experts all 36, attention
+        # up to its last middle layer (~30): ~3 × 36 layer runs
+        fwd_h = layer_s * LAYERS_120B * 3 / 3600
         print(
-            f"   streamed forwards: layer 0 measured {cases['stream_s']:.1f} s wall "
-            f"({cases['stream_cpu']:.1f} CPU s) for {cases['tokens']} tokens incl. the "
-            f"embedding and the layer's load, at {e} experts; token-linear to "
-            f"{TOKENS_120B} tokens × {LAYERS_120B} layers × 3 tiers: {per_tok:.2f} s × "
-            f"{TOKENS_120B} × {LAYERS_120B} × 3 / 3600 = {fwd_h:.1f} h (MLX's CPU MoE; a "
-            f"Mac's GPU runs this forward far faster)"
+            f"   streamed forward of layer 0 (wide, {e} experts): {cases['stream_cpu']:.1f} CPU s "
+            f"at {cases['tokens']} tokens, {cases['long_cpu']:.1f} at {cases['long_tokens']}: "
+            f"{per_tok * 1000:.1f} ms per token + {fixed:.1f} s fixed (embedding, load); at "
+            f"120B: {fixed:.1f} × {EXPERTS_120B}/{e} + {per_tok:.4f} × {TOKENS_120B} = "
+            f"{layer_s:.0f} CPU s a layer × {LAYERS_120B} layers × 3 tiers / 3600 = {fwd_h:.1f} "
+            "CPU-hours"
         )
-    print(f"   time on this box: ~{gptq_h + fwd_h:.0f} h ({gptq_h:.1f} GPTQ + {fwd_h:.1f} forward)")
+    print(
+        f"   CPU time on this box: ~{gptq_h + fwd_h:.0f} CPU-hours ({gptq_h:.1f} GPTQ + "
+        f"{fwd_h:.1f} forwards; wall time = that over the cores the stage gets)"
+    )
     here, big = deep["resident"]
     peak = max(r["stage_rss"] for r in deep["tiers"].values())
     rec_here = cases["recorded_bytes"] if cases else 0
@@ -436,6 +461,7 @@ def main() -> None:
         help="which real matrices mlx-lm runs on (default both; ~5-10 min each here; none: "
         "only the layer-0 forward is timed)",
     )
+    p.add_argument("--tiers", nargs="+", default=[], help="only these tiers (default all)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--worker-cases", nargs=2, metavar=("REPO", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -459,7 +485,7 @@ def main() -> None:
     results, cases = [], None
     try:
         for i, layers in enumerate(args.layers):
-            res = bench_depth(work, layers, args.experts, env, rate)
+            res = bench_depth(work, layers, args.experts, env, rate, args.tiers)
             if i == 0 and not args.skip_mlx_lm:
                 m = run_measured(
                     [PY, __file__, "--worker-cases", str(res["repo"]), str(work)], env=env
@@ -468,9 +494,10 @@ def main() -> None:
                     next(x for x in m.output.splitlines() if x.startswith("RESULT "))[7:]
                 )
                 print(
-                    f"   layer 0 streamed ({cases['tokens']} calibration tokens): "
-                    f"{cases['stream_s']:.1f} s, {cases['stream_cpu']:.1f} CPU s; saved "
-                    f"{cases['cases']}",
+                    f"   layer 0 streamed: {cases['tokens']} calibration tokens "
+                    f"{cases['stream_s']:.1f} s ({cases['stream_cpu']:.1f} CPU s), "
+                    f"{cases['long_tokens']} tokens {cases['long_s']:.1f} s "
+                    f"({cases['long_cpu']:.1f} CPU s); saved {cases['cases']}",
                     flush=True,
                 )
             shutil.rmtree(res.pop("repo"))
