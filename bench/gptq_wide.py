@@ -21,7 +21,8 @@ numpy's float32 2048² GEMM rate measured by a worker at the start and the end o
 Then 4 layers against 2: peak RSS ratio (target ≤ 1.10) and the time per added layer.
 
 mlx-lm: at the first depth the streamed forward of the original records layer 0's inputs
-(tierquant.quality.hessian.LayerInputs.stream, timed: the per-layer forward cost) and
+(tierquant.quality.hessian.LayerInputs.stream, timed on the calibration windows and
+again on 256 tokens: the forward's fixed and per-token cost) and
 saves one expert's down_proj (2880×2880; the expert with the most routed calibration
 tokens) and layer 0's q_proj (4096×2880) with their REAL Hessians (`LayerInputs.hessian`).
 bench/gptq.py's workers then run rtn, ours and mlx-lm's gptq.py on each at 4 bits, each in
@@ -37,6 +38,8 @@ rtn; nothing for Hessians; the windows file).
 
     nice -n 10 python bench/gptq_wide.py --layers 2 4 --experts 16 --workdir /big/scratch
     nice -n 10 python bench/gptq_wide.py --layers 2 --experts 4 --skip-mlx-lm   # smoke test
+    # the real 128 experts, the experts tier only (~20 min here), the forward timed:
+    nice -n 10 python bench/gptq_wide.py --layers 2 --experts 128 --tiers experts --mlx-lm-matrices
 
 OPENBLAS_NUM_THREADS is 1 in every stage and worker unless --blas-threads says otherwise
 (bench/gptq.py: on shared cores one thread was faster).
