@@ -171,3 +171,14 @@ def test_quant_rounding_is_checked_at_load_naming_the_key():
     stale["quant"]["rounding"] = "gptq"  # the derived lists still say rtn
     with pytest.raises(TierquantError, match="quant.rounding"):
         validate(stale)
+
+
+def test_measure_rounding_follows_quant_rounding_unless_set():
+    """measure.rounding: auto (default: as quant.rounding), rtn or gptq; else refused by name."""
+    assert validate(compose()).measure_rounding() == "rtn"
+    assert validate(compose(["quant.rounding=gptq"])).measure_rounding() == "gptq"
+    both = ["quant.rounding=gptq", "measure.rounding=rtn"]
+    assert validate(compose(both)).measure_rounding() == "rtn"
+    assert validate(compose(["measure.rounding=gptq"])).measure_rounding() == "gptq"
+    with pytest.raises(TierquantError, match="measure.rounding must be one of auto, rtn, gptq"):
+        validate(compose(["measure.rounding=awq"]))

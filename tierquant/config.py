@@ -95,9 +95,13 @@ class MeasureConfig:
     # Later layers a group's perturbation is carried through before it is projected onto
     # the last hidden state (tierquant.quality.measure): None = every one (end to end).
     carry_layers: int | None = None
+    # How the affine candidates of decoder groups are rounded when scored: auto (as the
+    # plan's tiers will be: quant.rounding), rtn or gptq (`Config.measure_rounding`).
+    rounding: str = "auto"
 
 
 ROUNDINGS = ("rtn", "gptq")
+MEASURE_ROUNDINGS = ("auto", *ROUNDINGS)
 
 
 @dataclass
@@ -152,6 +156,13 @@ class Config:
         """The Hub repository this build is for (`publish.repo_id` or its default)."""
         pub = self.publish
         return default_repo_id(pub.repo_id, pub.namespace, self.model.name, self.recipe.name)
+
+    def measure_rounding(self) -> str:
+        """The rounding measure scores decoder groups' candidates with: measure.rounding,
+        `auto` meaning quant.rounding (what the quantize stages will write)."""
+        if self.measure.rounding == "auto":
+            return self.quant.rounding
+        return self.measure.rounding
 
     def precisions(self) -> dict[str, Precision]:
         """`tiers` parsed: tier name -> tierquant.core.precision.Precision, in order."""
@@ -247,6 +258,11 @@ def _check_rounding(config: Config) -> None:
                     f"params: quant.rounding is gptq but tiers.{tier} is 1 bit, which GPTQ "
                     "does not write (MLX's 1-bit affine rule is not reproduced); use rtn"
                 )
+    if config.measure.rounding not in MEASURE_ROUNDINGS:
+        raise TierquantError(
+            f"params: measure.rounding must be one of {', '.join(MEASURE_ROUNDINGS)}, "
+            f"got {config.measure.rounding!r}"
+        )
     expected = quant.by_rounding.get(quant.rounding)
     if quant.by_rounding and quant.stages != expected:
         raise TierquantError(

@@ -28,16 +28,13 @@ from tqdm import tqdm
 from tierquant.build.manifest import ERROR_ROW_STRIDE
 from tierquant.build.quantize import quantize
 from tierquant.core.checkpoint import Checkpoint, ShardedWriter
-from tierquant.core.floatrows import read_expert_bf16
 from tierquant.core.gptoss import EXPERT_KINDS, Weight
-from tierquant.core.gptq import dequantize, gptq_quantize
-from tierquant.core.mxfp4 import from_bf16_bits
+from tierquant.core.gptq import dequantize
 from tierquant.core.precision import Precision
-from tierquant.quality.hessian import LayerInputs
+from tierquant.quality.hessian import DAMP, LayerInputs, gptq_rounded
 from tierquant.quality.windows import read_windows
 
 GPTQ_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DAMP = 0.01  # × mean(diag H), added to H's diagonal (AutoGPTQ's default)
 
 
 class GptqRounder:
@@ -103,22 +100,13 @@ def write_gptq(
     rows (every ERROR_ROW_STRIDE-th row of each expert), as round-to-nearest records it."""
     g, bits = precision.group_size, precision.bits
     err_sq = ref_sq = 0.0
-    experts = w.shape[0] if w.kind in EXPERT_KINDS else None
-    for e in range(experts or 1):
-        if experts is None:
-            bf16 = original.read_rows(w.name, 0, w.shape[0])
-            hessian = inputs.hessian(w.kind)
-        else:
-            bf16 = read_expert_bf16(original, w, e, e + 1)[0]
-            hessian = inputs.hessian(w.kind, e)
-        weight = from_bf16_bits(bf16)
-        packed, scales, biases = gptq_quantize(weight, hessian, bits=bits, group_size=g, damp=DAMP)
+    lead = (1,) if w.kind in EXPERT_KINDS else ()
+    for weight, (packed, scales, biases) in gptq_rounded(original, inputs, w, precision):
         rows = slice(None, None, ERROR_ROW_STRIDE)
         w_hat = dequantize(packed[rows], scales[rows], biases[rows], bits=bits, group_size=g)
         ref = weight[rows].astype(np.float64)
         err_sq += float(np.sum((w_hat - ref) ** 2))
         ref_sq += float(np.sum(ref * ref))
-        lead = (1,) if experts is not None else ()
         writer.write(f"{w.module}.weight", packed.reshape(*lead, *packed.shape))
         writer.write(f"{w.module}.scales", scales.reshape(*lead, *scales.shape))
         writer.write(f"{w.module}.biases", biases.reshape(*lead, *biases.shape))

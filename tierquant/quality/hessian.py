@@ -32,19 +32,30 @@ routed token at all: the pooled one (docs/gptq.md has the measurement behind thi
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from tierquant.core.gptq import HessianAccumulator
+from tierquant.core.floatrows import read_expert_bf16
+from tierquant.core.gptoss import EXPERT_KINDS
+from tierquant.core.gptq import HessianAccumulator, gptq_quantize
+from tierquant.core.mxfp4 import from_bf16_bits
+
+if TYPE_CHECKING:
+    from tierquant.core.checkpoint import Checkpoint
+    from tierquant.core.gptoss import Weight
+    from tierquant.core.precision import Precision
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 ATTENTION_IN = ("q_proj", "k_proj", "v_proj")  # read the layer's normed input
+DAMP = 0.01  # × mean(diag H), added to H's diagonal (AutoGPTQ's default)
 EXPERT_IN = ("gate_proj", "up_proj")  # read the routed normed MLP input
 # module recorded (relative to the layer) -> what it is
 RECORDED = {
@@ -79,6 +90,7 @@ class LayerInputs:
     expert_ids: np.ndarray  # [R]
     # the layer's pooled per-token Hessians, made once (gate/up input, down input)
     pooled: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    dense: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # q/k/v's, o's
 
     def routed(self, expert: int) -> int:
         """Tokens the router sent to `expert` on the calibration windows."""
@@ -91,10 +103,12 @@ class LayerInputs:
         an expert matrix's for `expert`: per-token mean, blended with the layer's pooled
         one by the routed-token count (module docstring). `alpha` overrides the blend's
         weight on the expert's own Hessian (bench/gptq_experts.py compares them)."""
-        if kind in ATTENTION_IN:
-            return _sum_xtx(self.attention)
-        if kind == "o_proj":
-            return _sum_xtx(self.o_proj)
+        if kind in (*ATTENTION_IN, "o_proj"):
+            # made once a layer: q/k/v share it, and measure rounds each candidate with it
+            key = "o_proj" if kind == "o_proj" else "attention"
+            if key not in self.dense:
+                self.dense[key] = _sum_xtx(getattr(self, key))
+            return self.dense[key]
         if kind not in (*EXPERT_IN, "down_proj") or expert is None:
             raise ValueError(f"no Hessian for kind {kind!r} (expert {expert})")
         key = "experts" if kind in EXPERT_IN else "down_proj"
@@ -132,16 +146,23 @@ class LayerInputs:
                 if i not in layers:
                     h = sm.run_layer(i, h, batch_size=batch_size)
                     continue
-                block = sm.model.model.layers[i]
-                modules = {path: _module(block, path) for path in RECORDED}
-                with recording(modules.values()) as records:
-                    out = sm.run_layer(i, h, batch_size=batch_size)
-                    inputs = cls._collect(i, dict(zip(RECORDED.values(), records, strict=True)))
-                del records
-                h = out
+                h, inputs = cls.record(
+                    sm, i, lambda i=i, h=h: sm.run_layer(i, h, batch_size=batch_size)
+                )
                 mx.clear_cache()
                 log.info("layer %d: inputs of %d tokens recorded", i, inputs.attention.shape[0])
                 yield inputs
+
+    @classmethod
+    def record(cls, sm, layer: int, run: Callable[[], T]) -> tuple[T, LayerInputs]:
+        """`run()` (a run of decoder layer `layer` of the StreamedModel `sm` on the
+        ORIGINAL's weights) and the inputs its matrices read meanwhile: the one way
+        both quantize_gptq (`stream`) and measure (gptq-scored candidates) record them."""
+        block = sm.model.model.layers[layer]
+        with recording(_module(block, path) for path in RECORDED) as records:
+            out = run()
+            inputs = cls._collect(layer, dict(zip(RECORDED.values(), records, strict=True)))
+        return out, inputs
 
     @classmethod
     def _collect(cls, layer: int, records: dict[str, list[tuple[Any, Any]]]) -> LayerInputs:
@@ -163,6 +184,30 @@ class LayerInputs:
             experts=np.concatenate([r for r, _ in experts]),
             down_proj=np.concatenate([r for r, _ in down]),
             expert_ids=ids,
+        )
+
+
+def gptq_rounded(
+    original: Checkpoint, inputs: LayerInputs, w: Weight, precision: Precision
+) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """GPTQ of `w` (an attention matrix, or each expert of an [E, out, in] stack in
+    order) at an affine `precision` against its Hessian from `inputs` (an expert's: the
+    blend): yields (the float32 weight, (packed, scales, biases)) as gptq_quantize gives
+    them. The one rule for these bytes: quantize_gptq writes them, measure scores them."""
+    experts = w.shape[0] if w.kind in EXPERT_KINDS else None
+    for e in range(experts or 1):
+        if experts is None:
+            bf16 = original.read_rows(w.name, 0, w.shape[0])
+            hessian = inputs.hessian(w.kind)
+        else:
+            bf16 = read_expert_bf16(original, w, e, e + 1)[0]
+            hessian = inputs.hessian(w.kind, e)
+        weight = from_bf16_bits(bf16)
+        yield (
+            weight,
+            gptq_quantize(
+                weight, hessian, bits=precision.bits, group_size=precision.group_size, damp=DAMP
+            ),
         )
 
 
