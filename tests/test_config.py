@@ -173,12 +173,14 @@ def test_quant_rounding_is_checked_at_load_naming_the_key():
         validate(stale)
 
 
-def test_measure_rounding_follows_quant_rounding_unless_set():
-    """measure.rounding: auto (default: as quant.rounding), rtn or gptq; else refused by name."""
-    assert validate(compose()).measure_rounding() == "rtn"
-    assert validate(compose(["quant.rounding=gptq"])).measure_rounding() == "gptq"
-    both = ["quant.rounding=gptq", "measure.rounding=rtn"]
-    assert validate(compose(both)).measure_rounding() == "rtn"
-    assert validate(compose(["measure.rounding=gptq"])).measure_rounding() == "gptq"
-    with pytest.raises(TierquantError, match="measure.rounding must be one of auto, rtn, gptq"):
-        validate(compose(["measure.rounding=awq"]))
+def test_measure_rounding_is_rtn_or_gptq_and_gptq_needs_gptq_tiers():
+    """measure.rounding: rtn (default, whatever quant.rounding) or gptq, which prices the
+    bytes quantize_gptq writes and so needs quant.rounding=gptq; else refused by name."""
+    assert validate(compose()).measure.rounding == "rtn"
+    assert validate(compose(["quant.rounding=gptq"])).measure.rounding == "rtn"
+    both = ["quant.rounding=gptq", "measure.rounding=gptq"]
+    assert validate(compose(both)).measure.rounding == "gptq"
+    with pytest.raises(TierquantError, match="measure.rounding is gptq but quant.rounding"):
+        validate(compose(["measure.rounding=gptq"]))
+    with pytest.raises(TierquantError, match="measure.rounding must be one of rtn, gptq"):
+        validate(compose(["measure.rounding=auto"]))

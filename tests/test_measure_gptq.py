@@ -1,4 +1,4 @@
-"""measure with GPTQ-rounded candidates (measure.rounding, auto = quant.rounding): a
+"""measure with GPTQ-rounded candidates (measure.rounding=gptq): a
 decoder group's candidate module holds exactly the bytes quantize_gptq@<tier> writes for
 it, and its damage is the end-to-end KL of stock mlx-lm's model with just that group
 replaced by those bytes (read back from the tier's safetensors)."""
@@ -21,7 +21,7 @@ SMALL = ["calibration.num_windows=2", "calibration.window_length=32"]
 def gptq_tiers(tiny_original, tmp_path_factory):
     """(config, tokens, {module: (packed, scales, biases)} as measure scored them, damage)
     of the tiny (random) model: quantize_gptq@<tier> run at BITS everywhere, then
-    measure_damage(rounding="gptq") on the same calibration windows."""
+    measure_damage(rounding=config.measure.rounding, gptq) on the same calibration windows."""
     import tierquant.quality.measure as measure_mod
     from tierquant.config import compose, validate
     from tierquant.core.precision import parse_candidates
@@ -29,9 +29,8 @@ def gptq_tiers(tiny_original, tmp_path_factory):
     from tierquant.quality.windows import read_windows
 
     root = tmp_path_factory.mktemp("measure_gptq")
-    overrides = ["quant.rounding=gptq", *UNIFORM, *SMALL]
+    overrides = ["quant.rounding=gptq", "measure.rounding=gptq", *UNIFORM, *SMALL]
     config = paths_under(validate(compose(overrides)), root, original=tiny_original)
-    assert config.measure_rounding() == "gptq"  # auto follows quant.rounding
     run_stages(config, ["calibration", "plan", "quantize"])
     tokens = read_windows(Path(config.paths.calibration))
     scored: dict[str, tuple] = {}
@@ -50,7 +49,7 @@ def gptq_tiers(tiny_original, tmp_path_factory):
             tokens=tokens,
             candidates=parse_candidates([BITS, "mxfp4"], config.quant.group_size),
             batch_size=config.calibration.batch_size,
-            rounding="gptq",
+            rounding=config.measure.rounding,
         )
     finally:
         mp.undo()

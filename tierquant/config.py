@@ -95,13 +95,14 @@ class MeasureConfig:
     # Later layers a group's perturbation is carried through before it is projected onto
     # the last hidden state (tierquant.quality.measure): None = every one (end to end).
     carry_layers: int | None = None
-    # How the affine candidates of decoder groups are rounded when scored: auto (as the
-    # plan's tiers will be: quant.rounding), rtn or gptq (`Config.measure_rounding`).
-    rounding: str = "auto"
+    # How the affine candidates of decoder groups are rounded when scored: rtn, or gptq
+    # (quantize_gptq's bytes; needs quant.rounding gptq). rtn for gptq tiers too by
+    # default: on the tiny model gptq scoring allocated no better (docs/gptq.md) and at
+    # gpt-oss-120b it costs ~93 CPU-hours of GPTQ.
+    rounding: str = "rtn"
 
 
 ROUNDINGS = ("rtn", "gptq")
-MEASURE_ROUNDINGS = ("auto", *ROUNDINGS)
 
 
 @dataclass
@@ -156,13 +157,6 @@ class Config:
         """The Hub repository this build is for (`publish.repo_id` or its default)."""
         pub = self.publish
         return default_repo_id(pub.repo_id, pub.namespace, self.model.name, self.recipe.name)
-
-    def measure_rounding(self) -> str:
-        """The rounding measure scores decoder groups' candidates with: measure.rounding,
-        `auto` meaning quant.rounding (what the quantize stages will write)."""
-        if self.measure.rounding == "auto":
-            return self.quant.rounding
-        return self.measure.rounding
 
     def precisions(self) -> dict[str, Precision]:
         """`tiers` parsed: tier name -> tierquant.core.precision.Precision, in order."""
@@ -258,10 +252,17 @@ def _check_rounding(config: Config) -> None:
                     f"params: quant.rounding is gptq but tiers.{tier} is 1 bit, which GPTQ "
                     "does not write (MLX's 1-bit affine rule is not reproduced); use rtn"
                 )
-    if config.measure.rounding not in MEASURE_ROUNDINGS:
+    if config.measure.rounding not in ROUNDINGS:
         raise TierquantError(
-            f"params: measure.rounding must be one of {', '.join(MEASURE_ROUNDINGS)}, "
+            f"params: measure.rounding must be one of {', '.join(ROUNDINGS)}, "
             f"got {config.measure.rounding!r}"
+        )
+    if config.measure.rounding == "gptq" and quant.rounding != "gptq":
+        # GPTQ damages would price bytes the rtn tiers never hold
+        raise TierquantError(
+            f"params: measure.rounding is gptq but quant.rounding is {quant.rounding!r}: "
+            "measure scores the bytes the tiers will hold; set quant.rounding=gptq too, "
+            "or measure.rounding=rtn"
         )
     expected = quant.by_rounding.get(quant.rounding)
     if quant.by_rounding and quant.stages != expected:
