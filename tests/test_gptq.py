@@ -230,6 +230,27 @@ def test_objective_at_most_rtn_on_calibration_and_mostly_held_out():
     assert held_out_wins >= 0.9 * len(cases)
 
 
+def test_row_chunks_with_a_shared_factor_equal_the_whole_matrix():
+    """Rows are independent given H: rounding a tall matrix (lm_head) in row chunks
+    with one precomputed factor gives exactly the whole matrix's bytes; a factor of the
+    wrong shape is refused."""
+    rng = np.random.default_rng(3)
+    w = bf16_weights(rng, 96, 128)
+    basis = rng.standard_normal((16, 128))
+    acc = gptq.HessianAccumulator(128)
+    acc.add(inputs(rng, 512, 128, basis))
+    whole = gptq.gptq_quantize(w, acc.sum, bits=4, group_size=64)
+    u = gptq.inverse_hessian_factor(acc.sum, 0.01)
+    chunks = [
+        gptq.gptq_quantize(w[r : r + 32], acc.sum, bits=4, group_size=64, factor=u)
+        for r in range(0, 96, 32)
+    ]
+    for part, chunked in zip(whole, zip(*chunks, strict=True), strict=True):
+        assert np.array_equal(part, np.concatenate(chunked))
+    with pytest.raises(TierquantError, match="factor"):
+        gptq.gptq_quantize(w, acc.sum, bits=4, group_size=64, factor=u[:64, :64])
+
+
 def test_hessian_accumulator_sums_batches_in_float64():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 50, 32)).astype(np.float32)

@@ -62,6 +62,30 @@ def test_gptq_model_has_rtn_sizes_and_loads_and_generates(gptq_model, models):
     assert isinstance(text, str) and text
 
 
+def test_lm_head_in_row_chunks_gives_the_same_bytes(gptq_model, tiny_original, monkeypatch):
+    """The sensitive tier (lm_head among it) rounded with lm_head in row chunks of 32
+    sharing one factor is byte for byte the tier rounded in one piece."""
+    import tierquant.quality.hessian as hessian
+    from tierquant.config import compose, validate
+    from tierquant.pipeline import paths_under, stage_run
+
+    config, root = gptq_model
+    monkeypatch.setattr(hessian, "HEAD_ROWS", 32)
+    assert shape_of_checkpoint(tiny_original).vocab_size > 32
+    chunked = paths_under(
+        validate(compose(["quant.rounding=gptq"])),
+        root / "chunked",
+        original=tiny_original,
+        plan=Path(config.paths.plan),
+        calibration=Path(config.paths.calibration),
+    )
+    stage_run("quantize_gptq")(chunked, tier="sensitive")
+    ours = Path(config.paths.quantized) / "sensitive"
+    manifest = json.loads((ours / "manifest.json").read_text())
+    assert manifest["modules"]["lm_head"]["rounding"] == "gptq"
+    assert _tier_bytes(Path(chunked.paths.quantized) / "sensitive") == _tier_bytes(ours)
+
+
 def _tier_bytes(folder: Path) -> list[bytes]:
     return [p.read_bytes() for p in sorted(folder.glob("*.safetensors"))]
 
@@ -79,7 +103,8 @@ def test_gptq_objective_on_calibration_inputs_at_most_rtn_for_every_module_and_e
     gptq_model, models, tiny_original
 ):
     """‖X (W − Ŵ)ᵀ‖² on the module's own calibration inputs X: GPTQ's ≤ rtn's for every
-    module, and for every expert of an expert module on the tokens routed to it."""
+    module (lm_head on the final normed hidden states), and for every expert of an
+    expert module on the tokens routed to it."""
     config, _ = gptq_model
     _, rtn_model, _ = models()
     precisions = config.precisions()
@@ -95,11 +120,13 @@ def test_gptq_objective_on_calibration_inputs_at_most_rtn_for_every_module_and_e
         for w in mlx_weights(shape_of_checkpoint(tiny_original))
         if w.kind in GPTQ_KINDS and precisions[tiers[w.module]].mode == "affine"
     ]
-    layers = {w.layer for w in weights}
+    assert "lm_head" in {w.kind for w in weights}
+    layers = {w.layer for w in weights if w.layer is not None}
     tokens = read_windows(config.paths.calibration)
     checked = 0
     with Checkpoint(tiny_original) as original:
-        for inputs in LayerInputs.stream(tiny_original, tokens, batch_size=4, layers=layers):
+        stream = LayerInputs.stream(tiny_original, tokens, batch_size=4, layers=layers, head=True)
+        for inputs in stream:
             for w in (w for w in weights if w.layer == inputs.layer):
                 p = precisions[tiers[w.module]]
                 tier = tiers[w.module]
@@ -107,7 +134,10 @@ def test_gptq_objective_on_calibration_inputs_at_most_rtn_for_every_module_and_e
                 for e in experts:
                     if e is None:
                         ref = from_bf16_bits(original.read_rows(w.name, 0, w.shape[0]))
-                        x = inputs.attention if w.kind != "o_proj" else inputs.o_proj
+                        if w.kind == "lm_head":
+                            x = inputs.rows
+                        else:
+                            x = inputs.attention if w.kind != "o_proj" else inputs.o_proj
                     else:
                         ref = from_bf16_bits(read_expert_bf16(original, w, e, e + 1)[0])
                         rows = inputs.experts if w.kind != "down_proj" else inputs.down_proj

@@ -3,10 +3,13 @@ matrices rounded by GPTQ (tierquant.core.gptq) into exactly the bytes' layout
 mx.quantize gives (same tensors, shapes, dtypes and sizes as round-to-nearest), every
 other tensor as tierquant.build.quantize writes it.
 
-- Which matrices: q/k/v/o_proj and each expert's gate/up/down_proj, at an affine
-  precision. embed_tokens stays round-to-nearest (its input is one-hot: its Hessian is
-  diagonal, where GPTQ is RTN); lm_head too (its Hessian would come from the final
-  hidden states; not done yet). mxfp4 and bf16 tiers are unchanged.
+- Which matrices: q/k/v/o_proj, each expert's gate/up/down_proj and lm_head, at an
+  affine precision. embed_tokens stays round-to-nearest (its input is one-hot: its
+  Hessian is diagonal, where GPTQ is RTN). mxfp4 and bf16 tiers are unchanged.
+- lm_head (201088 × 2880 at gpt-oss) is rounded in chunks of HEAD_ROWS rows (the rule:
+  tierquant.quality.hessian.gptq_rounded, which measure's gptq scoring shares) sharing one
+  factor of its Hessian (rows are independent given H), so its working set is a chunk's,
+  not the whole head's in float32 (2.3 GB).
 - Hessians: recomputed here, for this tier's layers only, from the ORIGINAL model's
   inputs on the calibration windows (tierquant.quality.hessian: the streamed forward,
   one layer resident), never stored: a tier's bytes depend on the original, its plan,
@@ -31,10 +34,19 @@ from tierquant.core.checkpoint import Checkpoint, ShardedWriter
 from tierquant.core.gptoss import EXPERT_KINDS, Weight
 from tierquant.core.gptq import dequantize
 from tierquant.core.precision import Precision
-from tierquant.quality.hessian import DAMP, LayerInputs, gptq_rounded
+from tierquant.quality.hessian import DAMP, HeadInputs, LayerInputs, gptq_rounded
 from tierquant.quality.windows import read_windows
 
-GPTQ_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GPTQ_KINDS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "lm_head",
+)
 
 
 class GptqRounder:
@@ -47,8 +59,8 @@ class GptqRounder:
         self.original_dir = Path(original_dir)
         self.tokens = tokens
         self.batch_size = batch_size
-        self.inputs: LayerInputs | None = None
-        self.stream: Iterator[LayerInputs] = iter(())
+        self.inputs: LayerInputs | HeadInputs | None = None
+        self.stream: Iterator[LayerInputs | HeadInputs] = iter(())
 
     def takes(self, weight: Weight, precision: Precision) -> bool:
         return (
@@ -59,10 +71,12 @@ class GptqRounder:
 
     def order(self, weights: list[Weight]) -> Iterator[Weight]:
         layers = {w.layer for w in weights if w.layer is not None}
+        head = any(w.kind == "lm_head" for w in weights)
         self.stream = LayerInputs.stream(
-            self.original_dir, self.tokens, batch_size=self.batch_size, layers=layers
+            self.original_dir, self.tokens, batch_size=self.batch_size, layers=layers, head=head
         )
-        yield from sorted(weights, key=lambda w: w.layer if w.layer is not None else -1)
+        # the stream's order: layers, then the head (after the last layer)
+        yield from sorted(weights, key=lambda w: w.layer if w.layer is not None else math.inf)
         self.inputs = None
         self.stream = iter(())
 
@@ -89,20 +103,21 @@ class GptqRounder:
 
 def write_gptq(
     original: Checkpoint,
-    inputs: LayerInputs,
+    inputs: LayerInputs | HeadInputs,
     writer: ShardedWriter,
     w: Weight,
     precision: Precision,
     bar: tqdm,
 ) -> float:
-    """GPTQ of `w` (a matrix, or each expert of an [E, out, in] stack, one at a time)
-    against its inputs' Hessian into `writer`; return the relative RMSE of the sampled
-    rows (every ERROR_ROW_STRIDE-th row of each expert), as round-to-nearest records it."""
+    """GPTQ of `w` (a matrix, lm_head by HEAD_ROWS rows, or each expert of an
+    [E, out, in] stack, one at a time) against its inputs' Hessian into `writer`; return
+    the relative RMSE of the sampled rows (every ERROR_ROW_STRIDE-th row of each
+    expert), as round-to-nearest records it."""
     g, bits = precision.group_size, precision.bits
     err_sq = ref_sq = 0.0
     lead = (1,) if w.kind in EXPERT_KINDS else ()
     for weight, (packed, scales, biases) in gptq_rounded(original, inputs, w, precision):
-        rows = slice(None, None, ERROR_ROW_STRIDE)
+        rows = slice(None, None, ERROR_ROW_STRIDE)  # HEAD_ROWS is a multiple of the stride
         w_hat = dequantize(packed[rows], scales[rows], biases[rows], bits=bits, group_size=g)
         ref = weight[rows].astype(np.float64)
         err_sq += float(np.sum((w_hat - ref) ** 2))

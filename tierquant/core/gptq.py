@@ -370,6 +370,7 @@ def gptq_quantize(
     block_size: int = 128,
     codes: Codes = "stored",
     dtype: type[np.floating] = np.float32,
+    factor: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ of `weight` (out, in) against `hessian` (in, in; Σ XᵀX of its inputs):
     (packed uint32 (out, in·bits/32), scales, biases (out, in/group_size) as bf16 bits),
@@ -377,11 +378,16 @@ def gptq_quantize(
 
     `codes`: the code whose stored value is nearest ("stored") or mx.quantize's rounding
     against the float32 scale and bias ("mlx"), see the module docstring; `dtype`: the
-    working precision of the sweep (float64 for tests); U is always computed in float64."""
+    working precision of the sweep (float64 for tests); U is always computed in float64.
+    `factor`: `inverse_hessian_factor(hessian, damp)` when already made: the rows of a
+    matrix are independent given H, so a tall matrix (lm_head) is rounded in row chunks
+    that share one factor."""
     weight = np.asarray(weight)
     hessian = np.asarray(hessian)
     check_inputs(weight, hessian, bits, group_size, damp, block_size)
-    u = inverse_hessian_factor(hessian, damp).astype(dtype)
+    if factor is not None and factor.shape != hessian.shape:
+        raise TierquantError(f"GPTQ: factor is {factor.shape}, the Hessian {hessian.shape}")
+    u = (inverse_hessian_factor(hessian, damp) if factor is None else factor).astype(dtype)
     wt = np.array(weight.T, dtype=dtype, order="C")
     wt[np.einsum("ii->i", hessian) == 0] = 0  # dead inputs, as GPTQ does
     q, scales, biases = _sweep(wt, u, bits, group_size, block_size, codes)

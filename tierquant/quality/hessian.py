@@ -10,7 +10,9 @@ states carried) and yields, for each layer asked for, what its matrices read:
 - o_proj: the attention output it projects;
 - each expert's gate_proj and up_proj: the normed MLP input of the tokens the router
   sends to that expert (top-k), and its down_proj: that expert's SwiGLU activations on
-  them.
+  them;
+- and, with `head=True`, after the last layer: lm_head's input, the final norm of the
+  last hidden state (`HeadInputs`).
 
 They are recorded from mlx-lm's own modules during the layer's run (a module's class is
 swapped, for that run only, for a subclass that keeps its input), so the inputs are
@@ -42,7 +44,7 @@ import numpy as np
 
 from tierquant.core.floatrows import read_expert_bf16
 from tierquant.core.gptoss import EXPERT_KINDS
-from tierquant.core.gptq import HessianAccumulator, gptq_quantize
+from tierquant.core.gptq import HessianAccumulator, gptq_quantize, inverse_hessian_factor
 from tierquant.core.mxfp4 import from_bf16_bits
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ T = TypeVar("T")
 
 ATTENTION_IN = ("q_proj", "k_proj", "v_proj")  # read the layer's normed input
 DAMP = 0.01  # × mean(diag H), added to H's diagonal (AutoGPTQ's default)
+HEAD_ROWS = 8192  # lm_head rows per GPTQ call: 94 MB of float32 at gpt-oss's 2880
 EXPERT_IN = ("gate_proj", "up_proj")  # read the routed normed MLP input
 # module recorded (relative to the layer) -> what it is
 RECORDED = {
@@ -132,15 +135,17 @@ class LayerInputs:
         *,
         batch_size: int,
         layers: set[int],
-    ) -> Iterator[LayerInputs]:
+        head: bool = False,
+    ) -> Iterator[LayerInputs | HeadInputs]:
         """Run the original over `tokens` [N, L] layer by layer (one layer resident) and
-        yield the inputs of each layer in `layers`, in order; stops after the last."""
+        yield the inputs of each layer in `layers`, in order, then (`head`) lm_head's
+        `HeadInputs`; stops after the last thing asked for."""
         import mlx.core as mx
 
         from tierquant.quality.stream import StreamedModel, compute_dtype
 
-        last = max(layers, default=-1)
         with StreamedModel(Path(original_dir), compute_dtype=compute_dtype()) as sm:
+            last = sm.num_layers - 1 if head else max(layers, default=-1)
             h = sm.embed(tokens)
             for i in range(last + 1):
                 if i not in layers:
@@ -152,6 +157,8 @@ class LayerInputs:
                 mx.clear_cache()
                 log.info("layer %d: inputs of %d tokens recorded", i, inputs.attention.shape[0])
                 yield inputs
+            if head:
+                yield HeadInputs.of(sm, h)
 
     @classmethod
     def record(cls, sm, layer: int, run: Callable[[], T]) -> tuple[T, LayerInputs]:
@@ -187,26 +194,67 @@ class LayerInputs:
         )
 
 
+@dataclass
+class HeadInputs:
+    """lm_head's input on the calibration windows: the final norm of the last hidden
+    state, [T, hidden] float32. `layer` is None, as lm_head's."""
+
+    rows: np.ndarray
+    layer: None = None
+
+    @classmethod
+    def of(cls, sm, h) -> HeadInputs:
+        """From the last hidden state `h` [N, L, D] of the ORIGINAL (the StreamedModel
+        `sm`'s run over the calibration windows): the one way quantize_gptq (`stream`)
+        and measure (a gptq-scored lm_head) take it. Every position, the last included."""
+        import mlx.core as mx
+
+        x = sm.model.model.norm(h.reshape(-1, h.shape[-1])).astype(mx.float32)
+        return cls(np.array(x))
+
+    def hessian(self, kind: str, expert: int | None = None) -> np.ndarray:
+        if kind != "lm_head" or expert is not None:
+            raise ValueError(f"no head Hessian for kind {kind!r} (expert {expert})")
+        return _sum_xtx(self.rows)
+
+
 def gptq_rounded(
-    original: Checkpoint, inputs: LayerInputs, w: Weight, precision: Precision
+    original: Checkpoint,
+    inputs: LayerInputs | HeadInputs,
+    w: Weight,
+    precision: Precision,
 ) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """GPTQ of `w` (an attention matrix, or each expert of an [E, out, in] stack in
-    order) at an affine `precision` against its Hessian from `inputs` (an expert's: the
-    blend): yields (the float32 weight, (packed, scales, biases)) as gptq_quantize gives
-    them. The one rule for these bytes: quantize_gptq writes them, measure scores them."""
+    """GPTQ of `w` at an affine `precision` against its Hessian from `inputs`, in parts
+    in row order: an attention matrix whole, each expert of an [E, out, in] stack on its
+    blended Hessian, lm_head by HEAD_ROWS rows sharing one factor (rows are independent
+    given H; bytes equal to one whole-matrix GPTQ). Yields (the part's float32 weight,
+    (packed, scales, biases)) as gptq_quantize gives them. The one rule for these bytes:
+    quantize_gptq writes them, measure scores them."""
     experts = w.shape[0] if w.kind in EXPERT_KINDS else None
-    for e in range(experts or 1):
+    factor = hessian = None
+    if experts is not None:
+        parts = [(e, e + 1) for e in range(experts)]
+    else:
+        chunk = HEAD_ROWS if w.kind == "lm_head" else w.shape[0]
+        parts = [(r, min(r + chunk, w.shape[0])) for r in range(0, w.shape[0], chunk)]
+        hessian = inputs.hessian(w.kind)
+        factor = inverse_hessian_factor(hessian, DAMP) if len(parts) > 1 else None
+    for start, stop in parts:
         if experts is None:
-            bf16 = original.read_rows(w.name, 0, w.shape[0])
-            hessian = inputs.hessian(w.kind)
+            bf16 = original.read_rows(w.name, start, stop)
         else:
-            bf16 = read_expert_bf16(original, w, e, e + 1)[0]
-            hessian = inputs.hessian(w.kind, e)
+            bf16 = read_expert_bf16(original, w, start, stop)[0]
+            hessian = inputs.hessian(w.kind, start)
         weight = from_bf16_bits(bf16)
         yield (
             weight,
             gptq_quantize(
-                weight, hessian, bits=precision.bits, group_size=precision.group_size, damp=DAMP
+                weight,
+                hessian,
+                bits=precision.bits,
+                group_size=precision.group_size,
+                damp=DAMP,
+                factor=factor,
             ),
         )
 

@@ -152,7 +152,7 @@ def measure_damage(
     from tierquant.core.gptoss import shape_of_checkpoint
     from tierquant.core.precision import BF16
     from tierquant.quality.damage import allocation_groups
-    from tierquant.quality.hessian import LayerInputs
+    from tierquant.quality.hessian import HeadInputs, LayerInputs
     from tierquant.quality.stream import StreamedModel, compute_dtype
 
     if rounding not in MEASURE_ROUNDINGS:
@@ -177,6 +177,8 @@ def measure_damage(
         d = h.shape[-1]
         h_last = h[:, :-1].reshape(-1, d)
         mx.eval(h_last)
+        # lm_head's GPTQ Hessian, as quantize_gptq takes it (every position)
+        head_inputs = HeadInputs.of(sm, h) if rounding == "gptq" else None
         del h
         head = HeadKL(sm, h_last, vocab_chunk)
 
@@ -272,10 +274,19 @@ def measure_damage(
         del h, carried
         # lm_head: the head quantized, on the reference's last hidden states
         g = by_name["lm_head"]
+        (w_head,) = g.weights
         out[g.name] = {
-            p.label: head.mean_kl([], row_transform=lambda _n, rows, p=p: fake_quantize(rows, p))[0]
+            p.label: head.mean_kl(
+                [],
+                row_transform=(
+                    (lambda _n, rows, p=p: fake_quantize(rows, p))
+                    if head_inputs is None
+                    else gptq_head_rows(original, head_inputs, w_head, p)
+                ),
+            )[0]
             for p in affine
         }
+        del head_inputs
         out[g.name].update(free(g))
         log.info("measured %s", g.name)
     return {g.name: out[g.name] for g in groups}
@@ -335,6 +346,37 @@ def candidate_bytes(weight, precision, *, original, weights: dict[str, Any], inp
         mx.array(scales).view(mx.bfloat16),
         mx.array(biases).view(mx.bfloat16),
     )
+
+
+def gptq_head_rows(original, inputs, weight, precision):
+    """A `row_transform` for the streamed head (StreamedModel.logit_chunks): lm_head's
+    rows as the bytes quantize_gptq writes for it at `precision` (`gptq_rounded` on
+    `inputs`, its HeadInputs) dequantize to with float32 scales and biases, as the
+    quantized model computes (stream._head_rows_float32; bf16 values were 0.7% off
+    its KL on the tiny random model). The slices come in vocabulary order: each call takes the
+    next rows."""
+    import mlx.core as mx
+
+    from tierquant.quality.hessian import gptq_rounded
+
+    g, bits = precision.group_size, precision.bits
+    parts = []
+    for _, (packed, scales, biases) in gptq_rounded(original, inputs, weight, precision):
+        s, b = (mx.array(a).view(mx.bfloat16).astype(mx.float32) for a in (scales, biases))
+        parts.append(mx.dequantize(mx.array(packed), s, b, group_size=g, bits=bits))
+    table = mx.concatenate(parts)
+    mx.eval(table)
+    offset = 0
+
+    def transform(name: str, rows):
+        nonlocal offset
+        if name != f"{weight.module}.weight":
+            return rows
+        out = table[offset : offset + rows.shape[0]]
+        offset += rows.shape[0]
+        return out
+
+    return transform
 
 
 def quantized_module(weight, precision, qweights, bias):
