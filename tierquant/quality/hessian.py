@@ -14,6 +14,10 @@ states carried) and yields, for each layer asked for, what its matrices read:
 - and, with `head=True`, after the last layer: lm_head's input, the final norm of the
   last hidden state (`HeadInputs`).
 
+measure (measure.rounding=gptq) records the same inputs during its own reference run
+of each layer (`LayerInputs.record`, `HeadInputs.of`) and rounds its candidates with the
+same `gptq_rounded`, so it scores exactly the bytes quantize_gptq writes.
+
 They are recorded from mlx-lm's own modules during the layer's run (a module's class is
 swapped, for that run only, for a subclass that keeps its input), so the inputs are
 exactly what the original's forward computes, never the output of a quantized layer:

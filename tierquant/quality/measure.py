@@ -41,8 +41,17 @@ the real gpt-oss models set 1: docs/allocation.md).
 
 Forwards run on the original (experts in mxfp4, as reference runs it). A decoder group
 at a candidate is its modules swapped for mlx-lm's own quantized modules holding the
-bytes quantize would write (`candidate_rows`, `quantized_module`); the embedding and
+bytes quantize would write (`candidate_bytes`, `quantized_module`); the embedding and
 head are fake-quantized; `mxfp4` experts and `bf16` are the original's bytes, damage 0.
+
+Rounding (`rounding`, params `measure.rounding`): "rtn" scores mx.quantize's bytes;
+"gptq" the bytes quantize_gptq@<tier> writes (tierquant.quality.hessian.gptq_rounded,
+the same function): the inputs of each layer's matrices are recorded during its
+reference run here (`LayerInputs.record`, quantize_gptq's own recording), lm_head's
+from the reference's last hidden state (`HeadInputs.of`), so on the same calibration
+windows the Hessians, and the bytes, are quantize_gptq's. The embedding stays round to
+nearest (GPTQ is RTN for a one-hot input). The cost is one GPTQ per matrix per affine
+candidate (docs/gptq.md: ~93 CPU-hours at gpt-oss-120b), hence rtn the default.
 """
 
 from __future__ import annotations
