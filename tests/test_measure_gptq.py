@@ -154,3 +154,29 @@ def test_gptq_damage_mostly_below_rtn(gptq_tiers, tiny_original):
     assert sum(gptq[g][label] for g in decoder) < sum(rtn[g][label] for g in decoder)
     assert gptq["embed_tokens"][label] == rtn["embed_tokens"][label]  # GPTQ is RTN there
     assert gptq["lm_head"][label] < rtn["lm_head"][label]
+
+
+def test_gptq_head_in_vocab_slices_and_row_chunks_is_the_same(gptq_tiers, tiny_original):
+    """lm_head scored over several vocab slices (the head's rows handed out in order) and
+    GPTQ-rounded in several HEAD_ROWS chunks sharing one factor gives the same damage as
+    the head in one piece (vocab 1024 here: one slice, one chunk by default)."""
+    import tierquant.quality.hessian as hessian
+    from tierquant.core.precision import parse_candidates
+    from tierquant.quality.measure import measure_damage
+
+    config, tokens, _, whole = gptq_tiers
+    mp = pytest.MonkeyPatch()
+    mp.setattr(hessian, "HEAD_ROWS", 96)  # 11 chunks, the last one short
+    try:
+        sliced = measure_damage(
+            original_dir=tiny_original,
+            tokens=tokens,
+            candidates=parse_candidates([BITS], config.quant.group_size),
+            batch_size=config.calibration.batch_size,
+            rounding="gptq",
+            vocab_chunk=320,  # 4 slices, the last one short
+        )
+    finally:
+        mp.undo()
+    label = f"{BITS}-bit g{config.quant.group_size}"
+    assert sliced["lm_head"][label] == pytest.approx(whole["lm_head"][label], rel=1e-5)
