@@ -53,6 +53,7 @@ def build(root: Path, overrides: list[str], name: str) -> dict:
         "predicted_bpw": size["total"]["bits_per_weight"],
         "kld_mean": round(m["kld_mean"], 4),
         "top1_agreement": round(m["top1_agreement"], 4),
+        "ppl_ratio": round(m["ppl_ratio"], 4),
         "predicted_damage": None if alloc is None else round(alloc["predicted_damage"], 4),
     }
 
@@ -101,13 +102,13 @@ def main() -> None:
         rows += [hand, auto]
         for r in (hand, auto):
             print(json.dumps(r), flush=True)
-    print("| run | bits/weight | kld_mean | top-1 | predicted damage |")
-    print("|---|---|---|---|---|")
+    print("| run | bits/weight | kld_mean | top-1 | PPL ratio | predicted damage |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         pred = "—" if r["predicted_damage"] is None else r["predicted_damage"]
         print(
             f"| {r['run']} | {r['bits_per_weight']:.4f} | {r['kld_mean']} | "
-            f"{r['top1_agreement']} | {pred} |"
+            f"{r['top1_agreement']} | {r['ppl_ratio']} | {pred} |"
         )
 
 

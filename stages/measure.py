@@ -13,8 +13,9 @@ from tierquant.stage import stage_main
 
 def run(config: Config) -> None:
     """Stream the original checkpoint (paths.original) over the calibration windows
-    (paths.calibration) and score every group at measure.candidates (quant.group_size)
-    → paths.measure, and paths.measure_plot (the heatmap's CSV)."""
+    (paths.calibration) and score every group at measure.candidates (quant.group_size),
+    rounded as measure.rounding says (rtn or gptq) → paths.measure, and
+    paths.measure_plot (the heatmap's CSV)."""
     measure(
         original=Path(config.paths.original),
         windows=Path(config.paths.calibration),
@@ -24,6 +25,7 @@ def run(config: Config) -> None:
         out=Path(config.paths.measure),
         plot=Path(config.paths.measure_plot),
         carry_layers=config.measure.carry_layers,
+        rounding=config.measure.rounding,
     )
 
 

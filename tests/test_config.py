@@ -171,3 +171,16 @@ def test_quant_rounding_is_checked_at_load_naming_the_key():
     stale["quant"]["rounding"] = "gptq"  # the derived lists still say rtn
     with pytest.raises(TierquantError, match="quant.rounding"):
         validate(stale)
+
+
+def test_measure_rounding_is_rtn_or_gptq_and_gptq_needs_gptq_tiers():
+    """measure.rounding: rtn (default, whatever quant.rounding) or gptq, which prices the
+    bytes quantize_gptq writes and so needs quant.rounding=gptq; else refused by name."""
+    assert validate(compose()).measure.rounding == "rtn"
+    assert validate(compose(["quant.rounding=gptq"])).measure.rounding == "rtn"
+    both = ["quant.rounding=gptq", "measure.rounding=gptq"]
+    assert validate(compose(both)).measure.rounding == "gptq"
+    with pytest.raises(TierquantError, match="measure.rounding is gptq but quant.rounding"):
+        validate(compose(["measure.rounding=gptq"]))
+    with pytest.raises(TierquantError, match="measure.rounding must be one of rtn, gptq"):
+        validate(compose(["measure.rounding=auto"]))

@@ -65,12 +65,12 @@ def test_gptq_model_has_rtn_sizes_and_loads_and_generates(gptq_model, models):
 def test_lm_head_in_row_chunks_gives_the_same_bytes(gptq_model, tiny_original, monkeypatch):
     """The sensitive tier (lm_head among it) rounded with lm_head in row chunks of 32
     sharing one factor is byte for byte the tier rounded in one piece."""
-    import tierquant.build.gptq as build_gptq
+    import tierquant.quality.hessian as hessian
     from tierquant.config import compose, validate
     from tierquant.pipeline import paths_under, stage_run
 
     config, root = gptq_model
-    monkeypatch.setattr(build_gptq, "HEAD_ROWS", 32)
+    monkeypatch.setattr(hessian, "HEAD_ROWS", 32)
     assert shape_of_checkpoint(tiny_original).vocab_size > 32
     chunked = paths_under(
         validate(compose(["quant.rounding=gptq"])),

@@ -126,7 +126,7 @@ def test_candidate_modules_hold_the_quantize_stages_bytes(tiny_original, tiny_fl
     from tierquant.core.checkpoint import Checkpoint
     from tierquant.core.gptoss import mlx_weights, shape_of_checkpoint
     from tierquant.core.precision import parse_precision
-    from tierquant.quality.measure import candidate_rows, quantized_module
+    from tierquant.quality.measure import candidate_bytes, quantized_module
     from tierquant.quality.stream import StreamedModel
 
     layer = 1
@@ -142,8 +142,8 @@ def test_candidate_modules_hold_the_quantize_stages_bytes(tiny_original, tiny_fl
         Checkpoint(tiny_float) as f,
     ):
         weights = sm.layer_weights(layer)
-        rows = candidate_rows(weight, original=original, weights=weights)
-        module = quantized_module(weight, p, rows, weights[f"{weight.module}.bias"])
+        qweights = candidate_bytes(weight, p, original=original, weights=weights)
+        module = quantized_module(weight, p, qweights, weights[f"{weight.module}.bias"])
         want = quantize_tensor(f, weight.name, p)
     for key, arr in zip(("weight", "scales", "biases"), want, strict=True):
         assert mx.array_equal(module[key], arr).item(), key

@@ -95,6 +95,11 @@ class MeasureConfig:
     # Later layers a group's perturbation is carried through before it is projected onto
     # the last hidden state (tierquant.quality.measure): None = every one (end to end).
     carry_layers: int | None = None
+    # How the affine candidates of decoder groups are rounded when scored: rtn, or gptq
+    # (quantize_gptq's bytes; needs quant.rounding gptq). rtn for gptq tiers too by
+    # default: on the tiny model gptq scoring allocated no better (docs/gptq.md) and at
+    # gpt-oss-120b it costs ~93 CPU-hours of GPTQ.
+    rounding: str = "rtn"
 
 
 ROUNDINGS = ("rtn", "gptq")
@@ -247,6 +252,18 @@ def _check_rounding(config: Config) -> None:
                     f"params: quant.rounding is gptq but tiers.{tier} is 1 bit, which GPTQ "
                     "does not write (MLX's 1-bit affine rule is not reproduced); use rtn"
                 )
+    if config.measure.rounding not in ROUNDINGS:
+        raise TierquantError(
+            f"params: measure.rounding must be one of {', '.join(ROUNDINGS)}, "
+            f"got {config.measure.rounding!r}"
+        )
+    if config.measure.rounding == "gptq" and quant.rounding != "gptq":
+        # GPTQ damages would price bytes the rtn tiers never hold
+        raise TierquantError(
+            f"params: measure.rounding is gptq but quant.rounding is {quant.rounding!r}: "
+            "measure scores the bytes the tiers will hold; set quant.rounding=gptq too, "
+            "or measure.rounding=rtn"
+        )
     expected = quant.by_rounding.get(quant.rounding)
     if quant.by_rounding and quant.stages != expected:
         raise TierquantError(

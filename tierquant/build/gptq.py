@@ -6,7 +6,8 @@ other tensor as tierquant.build.quantize writes it.
 - Which matrices: q/k/v/o_proj, each expert's gate/up/down_proj and lm_head, at an
   affine precision. embed_tokens stays round-to-nearest (its input is one-hot: its
   Hessian is diagonal, where GPTQ is RTN). mxfp4 and bf16 tiers are unchanged.
-- lm_head (201088 × 2880 at gpt-oss) is rounded in chunks of HEAD_ROWS rows sharing one
+- lm_head (201088 × 2880 at gpt-oss) is rounded in chunks of HEAD_ROWS rows (the rule:
+  tierquant.quality.hessian.gptq_rounded, which measure's gptq scoring shares) sharing one
   factor of its Hessian (rows are independent given H), so its working set is a chunk's,
   not the whole head's in float32 (2.3 GB).
 - Hessians: recomputed here, for this tier's layers only, from the ORIGINAL model's
@@ -30,12 +31,10 @@ from tqdm import tqdm
 from tierquant.build.manifest import ERROR_ROW_STRIDE
 from tierquant.build.quantize import quantize
 from tierquant.core.checkpoint import Checkpoint, ShardedWriter
-from tierquant.core.floatrows import read_expert_bf16
 from tierquant.core.gptoss import EXPERT_KINDS, Weight
-from tierquant.core.gptq import dequantize, gptq_quantize, inverse_hessian_factor
-from tierquant.core.mxfp4 import from_bf16_bits
+from tierquant.core.gptq import dequantize
 from tierquant.core.precision import Precision
-from tierquant.quality.hessian import HeadInputs, LayerInputs
+from tierquant.quality.hessian import DAMP, HeadInputs, LayerInputs, gptq_rounded
 from tierquant.quality.windows import read_windows
 
 GPTQ_KINDS = (
@@ -48,8 +47,6 @@ GPTQ_KINDS = (
     "down_proj",
     "lm_head",
 )
-DAMP = 0.01  # × mean(diag H), added to H's diagonal (AutoGPTQ's default)
-HEAD_ROWS = 8192  # lm_head rows per GPTQ call: 94 MB of float32 at gpt-oss's 2880
 
 
 class GptqRounder:
@@ -118,30 +115,13 @@ def write_gptq(
     expert), as round-to-nearest records it."""
     g, bits = precision.group_size, precision.bits
     err_sq = ref_sq = 0.0
-    experts = w.shape[0] if w.kind in EXPERT_KINDS else None
-    if experts is not None:
-        parts = [(e, e + 1) for e in range(experts)]
-    else:
-        chunk = HEAD_ROWS if w.kind == "lm_head" else w.shape[0]
-        parts = [(r, min(r + chunk, w.shape[0])) for r in range(0, w.shape[0], chunk)]
-        hessian = inputs.hessian(w.kind)
-        factor = inverse_hessian_factor(hessian, DAMP) if len(parts) > 1 else None
-    for start, stop in parts:
-        if experts is None:
-            bf16 = original.read_rows(w.name, start, stop)
-        else:
-            bf16 = read_expert_bf16(original, w, start, stop)[0]
-            hessian, factor = inputs.hessian(w.kind, start), None
-        weight = from_bf16_bits(bf16)
-        packed, scales, biases = gptq_quantize(
-            weight, hessian, bits=bits, group_size=g, damp=DAMP, factor=factor
-        )
+    lead = (1,) if w.kind in EXPERT_KINDS else ()
+    for weight, (packed, scales, biases) in gptq_rounded(original, inputs, w, precision):
         rows = slice(None, None, ERROR_ROW_STRIDE)  # HEAD_ROWS is a multiple of the stride
         w_hat = dequantize(packed[rows], scales[rows], biases[rows], bits=bits, group_size=g)
         ref = weight[rows].astype(np.float64)
         err_sq += float(np.sum((w_hat - ref) ** 2))
         ref_sq += float(np.sum(ref * ref))
-        lead = (1,) if experts is not None else ()
         writer.write(f"{w.module}.weight", packed.reshape(*lead, *packed.shape))
         writer.write(f"{w.module}.scales", scales.reshape(*lead, *scales.shape))
         writer.write(f"{w.module}.biases", biases.reshape(*lead, *biases.shape))

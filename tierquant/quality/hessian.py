@@ -14,6 +14,10 @@ states carried) and yields, for each layer asked for, what its matrices read:
 - and, with `head=True`, after the last layer: lm_head's input, the final norm of the
   last hidden state (`HeadInputs`).
 
+measure (measure.rounding=gptq) records the same inputs during its own reference run
+of each layer (`LayerInputs.record`, `HeadInputs.of`) and rounds its candidates with the
+same `gptq_rounded`, so it scores exactly the bytes quantize_gptq writes.
+
 They are recorded from mlx-lm's own modules during the layer's run (a module's class is
 swapped, for that run only, for a subclass that keeps its input), so the inputs are
 exactly what the original's forward computes, never the output of a quantized layer:
@@ -34,19 +38,31 @@ routed token at all: the pooled one (docs/gptq.md has the measurement behind thi
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from tierquant.core.gptq import HessianAccumulator
+from tierquant.core.floatrows import read_expert_bf16
+from tierquant.core.gptoss import EXPERT_KINDS
+from tierquant.core.gptq import HessianAccumulator, gptq_quantize, inverse_hessian_factor
+from tierquant.core.mxfp4 import from_bf16_bits
+
+if TYPE_CHECKING:
+    from tierquant.core.checkpoint import Checkpoint
+    from tierquant.core.gptoss import Weight
+    from tierquant.core.precision import Precision
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 ATTENTION_IN = ("q_proj", "k_proj", "v_proj")  # read the layer's normed input
+DAMP = 0.01  # × mean(diag H), added to H's diagonal (AutoGPTQ's default)
+HEAD_ROWS = 8192  # lm_head rows per GPTQ call: 94 MB of float32 at gpt-oss's 2880
 EXPERT_IN = ("gate_proj", "up_proj")  # read the routed normed MLP input
 # module recorded (relative to the layer) -> what it is
 RECORDED = {
@@ -81,6 +97,7 @@ class LayerInputs:
     expert_ids: np.ndarray  # [R]
     # the layer's pooled per-token Hessians, made once (gate/up input, down input)
     pooled: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    dense: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # q/k/v's, o's
 
     def routed(self, expert: int) -> int:
         """Tokens the router sent to `expert` on the calibration windows."""
@@ -93,10 +110,12 @@ class LayerInputs:
         an expert matrix's for `expert`: per-token mean, blended with the layer's pooled
         one by the routed-token count (module docstring). `alpha` overrides the blend's
         weight on the expert's own Hessian (bench/gptq_experts.py compares them)."""
-        if kind in ATTENTION_IN:
-            return _sum_xtx(self.attention)
-        if kind == "o_proj":
-            return _sum_xtx(self.o_proj)
+        if kind in (*ATTENTION_IN, "o_proj"):
+            # made once a layer: q/k/v share it, and measure rounds each candidate with it
+            key = "o_proj" if kind == "o_proj" else "attention"
+            if key not in self.dense:
+                self.dense[key] = _sum_xtx(getattr(self, key))
+            return self.dense[key]
         if kind not in (*EXPERT_IN, "down_proj") or expert is None:
             raise ValueError(f"no Hessian for kind {kind!r} (expert {expert})")
         key = "experts" if kind in EXPERT_IN else "down_proj"
@@ -136,19 +155,25 @@ class LayerInputs:
                 if i not in layers:
                     h = sm.run_layer(i, h, batch_size=batch_size)
                     continue
-                block = sm.model.model.layers[i]
-                modules = {path: _module(block, path) for path in RECORDED}
-                with recording(modules.values()) as records:
-                    out = sm.run_layer(i, h, batch_size=batch_size)
-                    inputs = cls._collect(i, dict(zip(RECORDED.values(), records, strict=True)))
-                del records
-                h = out
+                h, inputs = cls.record(
+                    sm, i, lambda i=i, h=h: sm.run_layer(i, h, batch_size=batch_size)
+                )
                 mx.clear_cache()
                 log.info("layer %d: inputs of %d tokens recorded", i, inputs.attention.shape[0])
                 yield inputs
             if head:
-                x = sm.model.model.norm(h.reshape(-1, h.shape[-1])).astype(mx.float32)
-                yield HeadInputs(np.array(x))
+                yield HeadInputs.of(sm, h)
+
+    @classmethod
+    def record(cls, sm, layer: int, run: Callable[[], T]) -> tuple[T, LayerInputs]:
+        """`run()` (a run of decoder layer `layer` of the StreamedModel `sm` on the
+        ORIGINAL's weights) and the inputs its matrices read meanwhile: the one way
+        both quantize_gptq (`stream`) and measure (gptq-scored candidates) record them."""
+        block = sm.model.model.layers[layer]
+        with recording(_module(block, path) for path in RECORDED) as records:
+            out = run()
+            inputs = cls._collect(layer, dict(zip(RECORDED.values(), records, strict=True)))
+        return out, inputs
 
     @classmethod
     def _collect(cls, layer: int, records: dict[str, list[tuple[Any, Any]]]) -> LayerInputs:
@@ -181,10 +206,61 @@ class HeadInputs:
     rows: np.ndarray
     layer: None = None
 
+    @classmethod
+    def of(cls, sm, h) -> HeadInputs:
+        """From the last hidden state `h` [N, L, D] of the ORIGINAL (the StreamedModel
+        `sm`'s run over the calibration windows): the one way quantize_gptq (`stream`)
+        and measure (a gptq-scored lm_head) take it. Every position, the last included."""
+        import mlx.core as mx
+
+        x = sm.model.model.norm(h.reshape(-1, h.shape[-1])).astype(mx.float32)
+        return cls(np.array(x))
+
     def hessian(self, kind: str, expert: int | None = None) -> np.ndarray:
         if kind != "lm_head" or expert is not None:
             raise ValueError(f"no head Hessian for kind {kind!r} (expert {expert})")
         return _sum_xtx(self.rows)
+
+
+def gptq_rounded(
+    original: Checkpoint,
+    inputs: LayerInputs | HeadInputs,
+    w: Weight,
+    precision: Precision,
+) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """GPTQ of `w` at an affine `precision` against its Hessian from `inputs`, in parts
+    in row order: an attention matrix whole, each expert of an [E, out, in] stack on its
+    blended Hessian, lm_head by HEAD_ROWS rows sharing one factor (rows are independent
+    given H; bytes equal to one whole-matrix GPTQ). Yields (the part's float32 weight,
+    (packed, scales, biases)) as gptq_quantize gives them. The one rule for these bytes:
+    quantize_gptq writes them, measure scores them."""
+    experts = w.shape[0] if w.kind in EXPERT_KINDS else None
+    factor = hessian = None
+    if experts is not None:
+        parts = [(e, e + 1) for e in range(experts)]
+    else:
+        chunk = HEAD_ROWS if w.kind == "lm_head" else w.shape[0]
+        parts = [(r, min(r + chunk, w.shape[0])) for r in range(0, w.shape[0], chunk)]
+        hessian = inputs.hessian(w.kind)
+        factor = inverse_hessian_factor(hessian, DAMP) if len(parts) > 1 else None
+    for start, stop in parts:
+        if experts is None:
+            bf16 = original.read_rows(w.name, start, stop)
+        else:
+            bf16 = read_expert_bf16(original, w, start, stop)[0]
+            hessian = inputs.hessian(w.kind, start)
+        weight = from_bf16_bits(bf16)
+        yield (
+            weight,
+            gptq_quantize(
+                weight,
+                hessian,
+                bits=precision.bits,
+                group_size=precision.group_size,
+                damp=DAMP,
+                factor=factor,
+            ),
+        )
 
 
 def _module(block, path: str):

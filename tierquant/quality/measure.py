@@ -41,8 +41,17 @@ the real gpt-oss models set 1: docs/allocation.md).
 
 Forwards run on the original (experts in mxfp4, as reference runs it). A decoder group
 at a candidate is its modules swapped for mlx-lm's own quantized modules holding the
-bytes quantize would write (`candidate_rows`, `quantized_module`); the embedding and
+bytes quantize would write (`candidate_bytes`, `quantized_module`); the embedding and
 head are fake-quantized; `mxfp4` experts and `bf16` are the original's bytes, damage 0.
+
+Rounding (`rounding`, params `measure.rounding`): "rtn" scores mx.quantize's bytes;
+"gptq" the bytes quantize_gptq@<tier> writes (tierquant.quality.hessian.gptq_rounded,
+the same function): the inputs of each layer's matrices are recorded during its
+reference run here (`LayerInputs.record`, quantize_gptq's own recording), lm_head's
+from the reference's last hidden state (`HeadInputs.of`), so on the same calibration
+windows the Hessians, and the bytes, are quantize_gptq's. The embedding stays round to
+nearest (GPTQ is RTN for a one-hot input). The cost is one GPTQ per matrix per affine
+candidate (docs/gptq.md: ~93 CPU-hours at gpt-oss-120b), hence rtn the default.
 """
 
 from __future__ import annotations
@@ -134,6 +143,7 @@ def measure_damage(
     batch_size: int,
     carry_layers: int | None = None,
     vocab_chunk: int | None = None,
+    rounding: str = "rtn",
 ) -> dict[str, dict[str, float]]:
     """Group name → {precision label: damage} on `tokens` [N, L] (module docstring), run
     on the original checkpoint `original_dir` (its config.json gives the groups' tensors:
@@ -141,15 +151,21 @@ def measure_damage(
     `carry_layers`: how many later layers a group's perturbed state is carried through
     before what is left of its perturbation is added to the reference's last hidden state
     and scored (None: to the last layer, end to end; 0: the head-projected layer-local
-    measure)."""
+    measure). `rounding`: how a decoder group's affine candidates are rounded — "rtn"
+    (mx.quantize's bytes, quantize@<tier>'s) or "gptq" (quantize_gptq@<tier>'s bytes, on
+    Hessians recorded from the reference run of the group's layer on `tokens`, which
+    must then be the calibration windows quantize_gptq reads)."""
     import mlx.core as mx
 
     from tierquant.core.checkpoint import Checkpoint
     from tierquant.core.gptoss import shape_of_checkpoint
     from tierquant.core.precision import BF16
     from tierquant.quality.damage import allocation_groups
+    from tierquant.quality.hessian import HeadInputs, LayerInputs
     from tierquant.quality.stream import StreamedModel, compute_dtype
 
+    if rounding not in MEASURE_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {MEASURE_ROUNDINGS}, got {rounding!r}")
     shape = shape_of_checkpoint(original_dir)
     groups, _ = allocation_groups(shape)
     affine = [p for p in candidates if p.mode == "affine"]
@@ -170,6 +186,8 @@ def measure_damage(
         d = h.shape[-1]
         h_last = h[:, :-1].reshape(-1, d)
         mx.eval(h_last)
+        # lm_head's GPTQ Hessian, as quantize_gptq takes it (every position)
+        head_inputs = HeadInputs.of(sm, h) if rounding == "gptq" else None
         del h
         head = HeadKL(sm, h_last, vocab_chunk)
 
@@ -206,7 +224,15 @@ def measure_damage(
         for i in range(sm.num_layers):
             # read once per layer, not once per candidate run (~25 runs a layer)
             weights = sm.layer_weights(i)
-            ref_out = sm.run_layer(i, h, batch_size=batch_size, weights=weights)
+
+            def ref_run(i=i, h=h, weights=weights):
+                return sm.run_layer(i, h, batch_size=batch_size, weights=weights)
+
+            inputs = None  # the original's matrix inputs here: GPTQ's Hessians
+            if rounding == "gptq":
+                ref_out, inputs = LayerInputs.record(sm, i, ref_run)
+            else:
+                ref_out = ref_run()
             for name, (k, states) in carried.items():  # earlier groups' states, a layer on
                 carried[name] = (
                     k + 1,
@@ -229,7 +255,9 @@ def measure_damage(
                         w.module: quantized_module(
                             w,
                             p,
-                            candidate_rows(w, original=original, weights=weights),
+                            candidate_bytes(
+                                w, p, original=original, weights=weights, inputs=inputs
+                            ),
                             biases.get(f"{w.module}.bias"),
                         )
                         for w in g.weights
@@ -246,7 +274,7 @@ def measure_damage(
                     del fresh
                 carried[g.name] = (0, states)
                 del states
-            del weights
+            del weights, inputs
             h = ref_out
             score_done(carried, h)
             mx.clear_cache()
@@ -255,10 +283,19 @@ def measure_damage(
         del h, carried
         # lm_head: the head quantized, on the reference's last hidden states
         g = by_name["lm_head"]
+        (w_head,) = g.weights
         out[g.name] = {
-            p.label: head.mean_kl([], row_transform=lambda _n, rows, p=p: fake_quantize(rows, p))[0]
+            p.label: head.mean_kl(
+                [],
+                row_transform=(
+                    (lambda _n, rows, p=p: fake_quantize(rows, p))
+                    if head_inputs is None
+                    else gptq_head_rows(original, head_inputs, w_head, p)
+                ),
+            )[0]
             for p in affine
         }
+        del head_inputs
         out[g.name].update(free(g))
         log.info("measured %s", g.name)
     return {g.name: out[g.name] for g in groups}
@@ -295,15 +332,69 @@ def candidate_rows(weight, *, original, weights: dict[str, Any]):
     return lambda start, stop: stored[start:stop]
 
 
-def quantized_module(weight, precision, rows, bias):
-    """mlx-lm's quantized module for `weight` at an affine `precision`, holding the bytes
-    the quantize stage writes (`rows`: see `candidate_rows`), with `bias` (or None)."""
+def candidate_bytes(weight, precision, *, original, weights: dict[str, Any], inputs=None):
+    """(packed, scales, biases) as mx arrays: the bytes the quantize stage writes for
+    `weight` at an affine `precision`. Round to nearest (`quantize_rows` of
+    `candidate_rows`: quantize@<tier>'s), or with `inputs` (the layer's
+    tierquant.quality.hessian.LayerInputs) GPTQ's: `gptq_rounded`, quantize_gptq@<tier>'s
+    own rule, each expert of a stack on its blended Hessian."""
+    import mlx.core as mx
+
+    from tierquant.core.affine import quantize_rows
+    from tierquant.quality.hessian import gptq_rounded
+
+    if inputs is None:
+        rows = candidate_rows(weight, original=original, weights=weights)
+        return quantize_rows(rows, weight.shape, precision)
+    parts = [q for _, q in gptq_rounded(original, inputs, weight, precision)]
+    stacked = [np.stack(a) if len(weight.shape) == 3 else a[0] for a in zip(*parts, strict=True)]
+    packed, scales, biases = stacked
+    # scales and biases come as bf16 bit patterns (numpy has no bfloat16)
+    return (
+        mx.array(packed),
+        mx.array(scales).view(mx.bfloat16),
+        mx.array(biases).view(mx.bfloat16),
+    )
+
+
+def gptq_head_rows(original, inputs, weight, precision):
+    """A `row_transform` for the streamed head (StreamedModel.logit_chunks): lm_head's
+    rows as the bytes quantize_gptq writes for it at `precision` (`gptq_rounded` on
+    `inputs`, its HeadInputs) dequantize to with float32 scales and biases, as the
+    quantized model computes (stream._head_rows_float32; bf16 values were 0.7% off
+    its KL on the tiny random model). The slices come in vocabulary order: each call takes the
+    next rows."""
+    import mlx.core as mx
+
+    from tierquant.quality.hessian import gptq_rounded
+
+    g, bits = precision.group_size, precision.bits
+    parts = []
+    for _, (packed, scales, biases) in gptq_rounded(original, inputs, weight, precision):
+        s, b = (mx.array(a).view(mx.bfloat16).astype(mx.float32) for a in (scales, biases))
+        parts.append(mx.dequantize(mx.array(packed), s, b, group_size=g, bits=bits))
+    table = mx.concatenate(parts)
+    mx.eval(table)
+    offset = 0
+
+    def transform(name: str, rows):
+        nonlocal offset
+        if name != f"{weight.module}.weight":
+            return rows
+        out = table[offset : offset + rows.shape[0]]
+        offset += rows.shape[0]
+        return out
+
+    return transform
+
+
+def quantized_module(weight, precision, qweights, bias):
+    """mlx-lm's quantized module for `weight` at an affine `precision`, holding
+    `qweights` = (packed, scales, biases) (see `candidate_bytes`), with `bias` (or None)."""
     import mlx.nn as nn
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-    from tierquant.core.affine import quantize_rows
-
-    wq, q_scales, q_biases = quantize_rows(rows, weight.shape, precision)
+    wq, q_scales, q_biases = qweights
     *experts, out_dims, in_dims = weight.shape
     kw = {"group_size": precision.group_size, "bits": precision.bits, "mode": "affine"}
     if experts:
@@ -338,6 +429,9 @@ def heatmap_csv(groups: dict[str, dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+MEASURE_ROUNDINGS = ("rtn", "gptq")
+
+
 def measure(
     *,
     original: Path,
@@ -348,9 +442,11 @@ def measure(
     out: Path,
     plot: Path,
     carry_layers: int | None = None,
+    rounding: str = "rtn",
 ) -> dict[str, Any]:
     """The measure stage: the calibration windows (`windows`, from the calibration stage)
-    → damage of every group × candidate → `out/damage.json` and the heatmap CSV `plot`."""
+    → damage of every group × candidate, its affine candidates rounded by `rounding`
+    (rtn or gptq: `measure_damage`) → `out/damage.json` and the heatmap CSV `plot`."""
     import mlx.core as mx
 
     from tierquant.core.gptoss import shape_of_checkpoint
@@ -369,6 +465,7 @@ def measure(
         candidates=precisions,
         batch_size=batch_size,
         carry_layers=carry_layers,
+        rounding=rounding,
     )
     groups, _ = allocation_groups(shape_of_checkpoint(Path(original)))
     report = {
@@ -379,6 +476,7 @@ def measure(
         "candidates": [p.label if p.mode != "affine" else p.bits for p in precisions],
         "calibration": {"num_windows": int(tokens.shape[0]), "window_length": int(tokens.shape[1])},
         "carry_layers": carry_layers,
+        "rounding": rounding,
         "compute_dtype": compute_dtype(),
         "groups": {
             g.name: {
