@@ -98,7 +98,7 @@ class MeasureConfig:
     # How the affine candidates of decoder groups are rounded when scored: rtn, or gptq
     # (quantize_gptq's bytes; needs quant.rounding gptq). rtn for gptq tiers too by
     # default: on the tiny model gptq scoring allocated no better (docs/gptq.md) and at
-    # gpt-oss-120b it costs ~93 CPU-hours of GPTQ.
+    # gpt-oss-120b it costs ~29-36 CPU-hours of GPTQ.
     rounding: str = "rtn"
 
 

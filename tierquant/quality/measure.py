@@ -51,7 +51,7 @@ reference run here (`LayerInputs.record`, quantize_gptq's own recording), lm_hea
 from the reference's last hidden state (`HeadInputs.of`), so on the same calibration
 windows the Hessians, and the bytes, are quantize_gptq's. The embedding stays round to
 nearest (GPTQ is RTN for a one-hot input). The cost is one GPTQ per matrix per affine
-candidate (docs/gptq.md: ~93 CPU-hours at gpt-oss-120b), hence rtn the default.
+candidate (docs/gptq.md: ~29-36 CPU-hours at gpt-oss-120b), hence rtn the default.
 """
 
 from __future__ import annotations
