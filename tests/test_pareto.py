@@ -289,3 +289,29 @@ def test_a_queue_refusal_is_an_error():
 
     with pytest.raises(TierquantError, match="auto 3.0 bpw.*bad override"):
         run_sweep(plan_sweep([3.0], []), dvc=dvc, log=lambda _: None)
+
+
+def test_run_sweep_waits_while_an_experiment_runs_though_no_worker_is_counted():
+    """celery's inspect can miss a busy worker (0 counted) while the queue's own files
+    say our experiment is Running: the sweep waits for it instead of giving up."""
+    now = [0.0]
+    polls = [0]
+
+    def dvc(cmd):
+        out = ""
+        if cmd[:3] == ["exp", "run", "--queue"]:
+            out = "Queued experiment 'busy-exp' for future execution.\n"
+        elif cmd[:2] == ["queue", "status"]:
+            polls[0] += 1
+            status = "Running" if polls[0] < 20 else "Success"  # 10 minutes at 30 s a poll
+            out = f"Task  Name  Created  Status\nabc  busy-exp  09:12 PM  {status}\n\n"
+            out += "Worker status: 0 active, 0 idle\n"
+        return subprocess.CompletedProcess(cmd, 0, out, "")
+
+    def sleep(s):
+        now[0] += 30
+
+    run = run_sweep(
+        plan_sweep([], ["seed"]), dvc=dvc, log=lambda _: None, clock=lambda: now[0], sleep=sleep
+    )
+    assert run.status == {"busy-exp": "Success"} and now[0] > 120

@@ -310,7 +310,10 @@ def run_sweep(
             last = summary
         if len(done) == len(run.queued):
             return run
-        if queue_workers(text) == 0:  # none started, or all stopped (`dvc queue stop`)
+        # none started, or all stopped (`dvc queue stop`). The worker count comes from
+        # celery's 1 s inspect broadcast, which a busy worker on loaded cores can miss;
+        # an experiment of ours Running (read from the queue's files) proves a worker.
+        if queue_workers(text) == 0 and not running:
             idle_since = clock() if idle_since is None else idle_since
             if clock() - idle_since > NO_WORKER_S:
                 raise TierquantError(
