@@ -404,6 +404,7 @@ def test_card_says_which_rounding_on_what_calibration_text(run_dir: Path) -> Non
     cal = _config(run_dir).calibration
     tokens = cal.num_windows * cal.window_length
     assert "Rounding: GPTQ" in text and f"{tokens:,} calibration tokens" in text
+    assert "expert and lm_head matrices" in text and "Embeddings: round to nearest" in text
     assert "tierquant/assets/corpus.txt" in text
     # the lists conf/ derives from quant.rounding are not overrides of their own
     assert "-S quant.rounding=gptq\n" in text and "quant.stages" not in text

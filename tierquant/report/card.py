@@ -436,11 +436,12 @@ class Rounding:
         tokens = self.calibration_windows * self.window_length
         return (
             "Rounding: GPTQ (error feedback through the inverse Hessian of each matrix's "
-            "inputs, in MLX's affine format: same bytes' layout and size) for the attention "
-            "and expert matrices, each expert on the tokens the router sends it; Hessians from "
-            f"the original model on {_int(tokens)} calibration tokens ({self.calibration_windows}"
-            f" windows of {self.window_length}) of {self.calibration_text}, disjoint from the "
-            "eval text. Embeddings and lm_head: round to nearest."
+            "inputs, in MLX's affine format: same bytes' layout and size) for the attention, "
+            "expert and lm_head matrices, each expert on the tokens the router sends it; "
+            f"Hessians from the original model on {_int(tokens)} calibration tokens "
+            f"({self.calibration_windows} windows of {self.window_length}) of "
+            f"{self.calibration_text}, disjoint from the eval text. Embeddings: round to "
+            "nearest (their input is one-hot, where GPTQ is round to nearest)."
         )
 
 
