@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tierquant.check.validate import QualityGate
-from tierquant.core.precision import Precision, parse_candidates, parse_tiers
+from tierquant.core.precision import ROUNDINGS, Precision, parse_candidates, parse_tiers
 from tierquant.errors import TierquantError
 from tierquant.plan.autotiers import check_auto_tiers, router_precision
 from tierquant.plan.budget import BudgetRequest, check_budget
@@ -100,9 +100,6 @@ class MeasureConfig:
     # default: on the tiny model gptq scoring allocated no better (docs/gptq.md) and at
     # gpt-oss-120b it costs ~29-36 CPU-hours of GPTQ.
     rounding: str = "rtn"
-
-
-ROUNDINGS = ("rtn", "gptq")
 
 
 @dataclass

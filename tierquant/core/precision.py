@@ -28,6 +28,8 @@ GROUP_SIZES = (32, 64, 128)  # mx.quantize affine: not 16
 TIER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 BF16_BITS = 16
 TIER_BITS = (2, 3, 4, 5, 6, 8)  # the affine bits a tensor is allocated or measured at
+# how affine codes are chosen: round to nearest (mx.quantize's own) or GPTQ (docs/gptq.md)
+ROUNDINGS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)

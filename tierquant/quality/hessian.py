@@ -60,9 +60,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-ATTENTION_IN = ("q_proj", "k_proj", "v_proj")  # read the layer's normed input
 DAMP = 0.01  # × mean(diag H), added to H's diagonal (AutoGPTQ's default)
 HEAD_ROWS = 8192  # lm_head rows per GPTQ call: 94 MB of float32 at gpt-oss's 2880
+ATTENTION_IN = ("q_proj", "k_proj", "v_proj")  # read the layer's normed input
 EXPERT_IN = ("gate_proj", "up_proj")  # read the routed normed MLP input
 # module recorded (relative to the layer) -> what it is
 RECORDED = {

@@ -159,13 +159,13 @@ def measure_damage(
 
     from tierquant.core.checkpoint import Checkpoint
     from tierquant.core.gptoss import shape_of_checkpoint
-    from tierquant.core.precision import BF16
+    from tierquant.core.precision import BF16, ROUNDINGS
     from tierquant.quality.damage import allocation_groups
     from tierquant.quality.hessian import HeadInputs, LayerInputs
     from tierquant.quality.stream import StreamedModel, compute_dtype
 
-    if rounding not in MEASURE_ROUNDINGS:
-        raise ValueError(f"rounding must be one of {MEASURE_ROUNDINGS}, got {rounding!r}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     shape = shape_of_checkpoint(original_dir)
     groups, _ = allocation_groups(shape)
     affine = [p for p in candidates if p.mode == "affine"]
@@ -362,27 +362,30 @@ def gptq_head_rows(original, inputs, weight, precision):
     rows as the bytes quantize_gptq writes for it at `precision` (`gptq_rounded` on
     `inputs`, its HeadInputs) dequantize to with float32 scales and biases, as the
     quantized model computes (stream._head_rows_float32; bf16 values were 0.7% off
-    its KL on the tiny random model). The slices come in vocabulary order: each call takes the
-    next rows."""
+    its KL on the tiny random model). The slices come in vocabulary order: each call
+    takes the next rows, GPTQ-rounded as they are first needed."""
     import mlx.core as mx
 
     from tierquant.quality.hessian import gptq_rounded
 
     g, bits = precision.group_size, precision.bits
-    parts = []
-    for _, (packed, scales, biases) in gptq_rounded(original, inputs, weight, precision):
-        s, b = (mx.array(a).view(mx.bfloat16).astype(mx.float32) for a in (scales, biases))
-        parts.append(mx.dequantize(mx.array(packed), s, b, group_size=g, bits=bits))
-    table = mx.concatenate(parts)
-    mx.eval(table)
-    offset = 0
+    parts = gptq_rounded(original, inputs, weight, precision)  # lazily, in row order
+    pending: list = []  # dequantized rows made but not yet handed out
 
     def transform(name: str, rows):
-        nonlocal offset
         if name != f"{weight.module}.weight":
             return rows
-        out = table[offset : offset + rows.shape[0]]
-        offset += rows.shape[0]
+        need = rows.shape[0]
+        # GPTQ chunks are made as the vocab slices reach them: at most one chunk and
+        # one slice resident, never the whole head (2.3 GB of float32 at gpt-oss)
+        while sum(x.shape[0] for x in pending) < need:
+            _, (packed, scales, biases) = next(parts)
+            s, b = (mx.array(a).view(mx.bfloat16).astype(mx.float32) for a in (scales, biases))
+            pending.append(mx.dequantize(mx.array(packed), s, b, group_size=g, bits=bits))
+        block = pending[0] if len(pending) == 1 else mx.concatenate(pending)
+        out, rest = block[:need], block[need:]
+        mx.eval(out, rest)
+        pending[:] = [rest] if rest.shape[0] else []
         return out
 
     return transform
@@ -427,9 +430,6 @@ def heatmap_csv(groups: dict[str, dict[str, Any]]) -> str:
             log10 = math.log10(value) if value > 0 else -9.0
             w.writerow([layer, entry["kind"], label, f"{value:.6g}", f"{log10:.4f}"])
     return buf.getvalue()
-
-
-MEASURE_ROUNDINGS = ("rtn", "gptq")
 
 
 def measure(
