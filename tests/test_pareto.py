@@ -222,30 +222,34 @@ def test_queue_status_parses_dvc_s_table():
     assert queue_workers(QUEUE_STATUS) == 1 and queue_workers("") is None
 
 
-def test_run_sweep_gives_up_when_no_worker_runs():
-    """Workers stopped (`dvc queue stop`) with tasks queued: an error, not a wait forever."""
-    now = [0.0]
+def _one_experiment_queue(status_at_poll):
+    """(dvc, clock, sleep) for run_sweep: a queue holding one experiment, 'one-exp', whose
+    status at the n-th `dvc queue status` (from 1) is `status_at_poll(n)`, with no worker
+    counted; each sleep advances the clock 30 s."""
+    now, polls = [0.0], [0]
 
     def dvc(cmd):
         out = ""
         if cmd[:3] == ["exp", "run", "--queue"]:
-            out = "Queued experiment 'lone-exp' for future execution.\n"
+            out = "Queued experiment 'one-exp' for future execution.\n"
         elif cmd[:2] == ["queue", "status"]:
-            out = "Task  Name  Created  Status\nabc  lone-exp  09:12 PM  Queued\n\n"
+            polls[0] += 1
+            status = status_at_poll(polls[0])
+            out = f"Task  Name  Created  Status\nabc  one-exp  09:12 PM  {status}\n\n"
             out += "Worker status: 0 active, 0 idle\n"
         return subprocess.CompletedProcess(cmd, 0, out, "")
 
     def sleep(s):
         now[0] += 30
 
+    return dvc, (lambda: now[0]), sleep
+
+
+def test_run_sweep_gives_up_when_no_worker_runs():
+    """Workers stopped (`dvc queue stop`) with tasks queued: an error, not a wait forever."""
+    dvc, clock, sleep = _one_experiment_queue(lambda _n: "Queued")
     with pytest.raises(TierquantError, match="no queue worker has run for 120 s with 1 of"):
-        run_sweep(
-            plan_sweep([], ["seed"]),
-            dvc=dvc,
-            log=lambda _: None,
-            clock=lambda: now[0],
-            sleep=sleep,
-        )
+        run_sweep(plan_sweep([], ["seed"]), dvc=dvc, log=lambda _: None, clock=clock, sleep=sleep)
 
 
 def test_run_sweep_waits_for_its_own_tasks_and_reports_failures():
@@ -294,24 +298,7 @@ def test_a_queue_refusal_is_an_error():
 def test_run_sweep_waits_while_an_experiment_runs_though_no_worker_is_counted():
     """celery's inspect can miss a busy worker (0 counted) while the queue's own files
     say our experiment is Running: the sweep waits for it instead of giving up."""
-    now = [0.0]
-    polls = [0]
-
-    def dvc(cmd):
-        out = ""
-        if cmd[:3] == ["exp", "run", "--queue"]:
-            out = "Queued experiment 'busy-exp' for future execution.\n"
-        elif cmd[:2] == ["queue", "status"]:
-            polls[0] += 1
-            status = "Running" if polls[0] < 20 else "Success"  # 10 minutes at 30 s a poll
-            out = f"Task  Name  Created  Status\nabc  busy-exp  09:12 PM  {status}\n\n"
-            out += "Worker status: 0 active, 0 idle\n"
-        return subprocess.CompletedProcess(cmd, 0, out, "")
-
-    def sleep(s):
-        now[0] += 30
-
-    run = run_sweep(
-        plan_sweep([], ["seed"]), dvc=dvc, log=lambda _: None, clock=lambda: now[0], sleep=sleep
-    )
-    assert run.status == {"busy-exp": "Success"} and now[0] > 120
+    # Running for 10 minutes at 30 s a poll, then done
+    dvc, clock, sleep = _one_experiment_queue(lambda n: "Running" if n < 20 else "Success")
+    run = run_sweep(plan_sweep([], ["seed"]), dvc=dvc, log=lambda _: None, clock=clock, sleep=sleep)
+    assert run.status == {"one-exp": "Success"} and clock() > 120
